@@ -1,0 +1,69 @@
+"""The request head a routing decision sees, the same for HTTP/1.1 and HTTP/2."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
+
+from filters.baggage import DEFAULT_MAX_BYTES, DEFAULT_MAX_MEMBERS, baggage_values
+
+if TYPE_CHECKING:
+    from filters.keys import FoundKey
+
+
+class RequestHead:
+    """Method, request target and headers of one request.
+
+    ``headers`` maps a lower-case name to the value of every line with that name joined
+    with ``", "`` (``"; "`` for ``cookie``, as HTTP/2 joins cookie crumbs). Values are
+    ``str``; the data plane decodes header bytes as latin-1 so nothing is lost.
+    ``target`` is the origin-form target: path plus an optional ``?query``.
+    ``found_key`` is set by ``Snapshot.decide``: the routing key it found, if any.
+    """
+
+    __slots__ = ("method", "target", "headers", "found_key", "_baggage")
+
+    def __init__(self, method: str, target: str, headers: Mapping[str, str]) -> None:
+        self.method = method
+        self.target = target
+        self.headers = headers
+        self.found_key: FoundKey | None = None
+        self._baggage: dict[str, str] | None = None
+
+    @classmethod
+    def from_pairs(
+        cls, method: str, target: str, pairs: Iterable[tuple[str, str]]
+    ) -> RequestHead:
+        """Build a head from header lines in arrival order, combining repeated names."""
+        headers: dict[str, str] = {}
+        for raw_name, value in pairs:
+            name = raw_name.lower()
+            prev = headers.get(name)
+            if prev is None:
+                headers[name] = value
+            else:
+                headers[name] = prev + ("; " if name == "cookie" else ", ") + value
+        return cls(method, target, headers)
+
+    @property
+    def path(self) -> str:
+        """The target without its query string."""
+        target = self.target
+        q = target.find("?")
+        return target if q == -1 else target[:q]
+
+    @property
+    def query(self) -> str | None:
+        """The raw query string after ``?``, or ``None`` when there is none."""
+        target = self.target
+        q = target.find("?")
+        return None if q == -1 else target[q + 1 :]
+
+    def baggage(
+        self, max_members: int = DEFAULT_MAX_MEMBERS, max_bytes: int = DEFAULT_MAX_BYTES
+    ) -> dict[str, str]:
+        """All baggage members (decoded), parsed once per head and cached."""
+        if self._baggage is None:
+            header = self.headers.get("baggage")
+            self._baggage = baggage_values(header, max_members, max_bytes) if header else {}
+        return self._baggage

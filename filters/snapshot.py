@@ -1,0 +1,441 @@
+"""The compiled routing table: sessions in, ``decide(service, head, now)`` out.
+
+A snapshot is built whole, off to the side, and never changed afterwards; the data plane
+swaps one reference to publish a new one, and a request keeps the snapshot it started
+with. The decision, per request:
+
+1. The routing key is extracted (configured sources, first found wins).
+2. Keyed routes: a dict lookup ``service -> key -> route``. The route applies when its
+   session has not expired and its own extra ``match`` (if any) holds.
+3. Otherwise the service's filter-only routes (sessions without a key). They are not
+   tried one by one: every route's match tree contributes a *cover*, a set of leaf tests
+   at least one of which must hold for the tree to hold. Leaves are indexed by what they
+   read (a header, the path, the method, a baggage member): exact values in dicts, every
+   other string test in one RE2 set per subject. A request reads each indexed subject
+   once, gets the candidate routes, and only candidates are evaluated in full. Routes
+   whose trees have no cover (e.g. a bare ``not``) are always candidates.
+4. Among matching filter-only routes the winner is the highest ``priority``, then the
+   oldest session (``created_at``), then the smallest session id: deterministic, and
+   ``explain`` reports every other route that also matched.
+5. Nothing applies: baseline.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import re2
+
+from filters.errors import Problem, ValidationError
+from filters.head import RequestHead
+from filters.keys import FoundKey, KeyConfig, KeyExtractor
+from filters.matchers import AllOf, AnyOf, HeaderLines, Leaf, Matcher, Not
+from filters.model import Address, Route, RuleLimits, Session, find_conflicts
+
+
+class Decision:
+    """Where one request goes. Built once per route at compile time, shared by requests.
+
+    ``kind`` is ``baseline``, ``sandbox`` (steal) or ``mirror`` (baseline answers, a copy
+    goes to ``destination``).
+    """
+
+    __slots__ = ("kind", "session_id", "destination", "mode", "fallback", "service")
+
+    def __init__(self, kind: str, session_id: str | None = None, destination: Address | None = None,
+                 mode: str | None = None, fallback: str | None = None, service: str | None = None) -> None:
+        self.kind = kind
+        self.session_id = session_id
+        self.destination = destination
+        self.mode = mode
+        self.fallback = fallback
+        self.service = service
+
+    def __repr__(self) -> str:
+        if self.kind == "baseline":
+            return "Decision(baseline)"
+        return f"Decision({self.kind}, session={self.session_id}, destination={self.destination})"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form for ``/explain`` and logs."""
+        if self.kind == "baseline":
+            return {"kind": "baseline"}
+        return {
+            "kind": self.kind,
+            "session": self.session_id,
+            "destination": str(self.destination),
+            "mode": self.mode,
+            "fallback": self.fallback,
+        }
+
+
+BASELINE = Decision("baseline")
+
+
+class _Entry:
+    """One compiled route: its decision plus what is needed to check it per request."""
+
+    __slots__ = ("session", "route", "decision", "match", "expires_at", "rank")
+
+    def __init__(self, session: Session, route: Route) -> None:
+        self.session = session
+        self.route = route
+        kind = "mirror" if route.mode == "mirror" else "sandbox"
+        self.decision = Decision(kind, session.id, route.destination, route.mode, route.fallback, route.service)
+        self.match = route.match
+        self.expires_at = math.inf if session.expires_at is None else session.expires_at
+        self.rank = (-route.priority, session.created_at, session.id)
+
+
+# --------------------------------------------------------------------------- index
+
+# Cost of a leaf kind as an index entry: exact lookups are cheapest and most selective.
+_LEAF_COST = {"exact": 1, "one_of": 1, "present": 8}
+_DEFAULT_LEAF_COST = 2
+
+
+def _cover(node: Matcher) -> list[Leaf | HeaderLines] | None:
+    """Leaves at least one of which must hold for ``node`` to hold, or None if none exist."""
+    if isinstance(node, Leaf):
+        if node.invert or (node.test.kind == "present" and not node.test.value):
+            return None
+        return [node]
+    if isinstance(node, HeaderLines):
+        return [node]
+    if isinstance(node, AllOf):
+        best: list[Leaf | HeaderLines] | None = None
+        for child in node.children:
+            cover = _cover(child)
+            if cover is not None and (best is None or _cost(cover) < _cost(best)):
+                best = cover
+        return best
+    if isinstance(node, AnyOf):
+        union: list[Leaf | HeaderLines] = []
+        for child in node.children:
+            cover = _cover(child)
+            if cover is None:
+                return None
+            union.extend(cover)
+        return union
+    assert isinstance(node, Not)
+    return None
+
+
+def _cost(cover: list[Leaf | HeaderLines]) -> int:
+    return sum(_LEAF_COST.get(leaf.test.kind, _DEFAULT_LEAF_COST) if isinstance(leaf, Leaf)
+               else _DEFAULT_LEAF_COST for leaf in cover)
+
+
+def _set_pattern(leaf: Leaf) -> str:
+    """The leaf's string test as one full-match RE2 pattern."""
+    test = leaf.test
+    kind, value = test.kind, test.value
+    if kind == "regex":
+        body = "(?:" + value + ")"
+    elif kind == "prefix":
+        body = re2.escape(value) + "(?s:.*)"
+    elif kind == "suffix":
+        body = "(?s:.*)" + re2.escape(value)
+    elif kind == "contains":
+        body = "(?s:.*)" + re2.escape(value) + "(?s:.*)"
+    else:
+        raise AssertionError(kind)
+    return "(?i:" + body + ")" if test.ignore_case else body
+
+
+def _new_set(anchor: str) -> Any:
+    options = re2.Options()
+    options.log_errors = False
+    # RE2 sets share one DFA; give it room for a few thousand patterns.
+    options.max_mem = 64 << 20
+    return re2.Set.FullMatchSet(options) if anchor == "full" else re2.Set.SearchSet(options)
+
+
+class _SubjectIndex:
+    """The index of every cover leaf that reads one subject (say, header ``x-user``)."""
+
+    __slots__ = ("subject", "exact", "folded", "present", "patterns", "pattern_routes", "regex_set")
+
+    def __init__(self, subject: Callable[[RequestHead], str | None] | None) -> None:
+        self.subject = subject
+        self.exact: dict[str, list[int]] = {}
+        self.folded: dict[str, list[int]] = {}
+        self.present: list[int] = []
+        self.patterns: dict[str, int] = {}
+        self.pattern_routes: list[list[int]] = []
+        self.regex_set: Any = None
+
+    def add(self, leaf: Leaf, route_index: int) -> None:
+        test = leaf.test
+        if test.kind in ("exact", "one_of"):
+            table = self.folded if test.ignore_case else self.exact
+            values = test.value if test.kind == "one_of" else (test.value,)
+            for value in values:
+                table.setdefault(value.lower() if test.ignore_case else value, []).append(route_index)
+        elif test.kind == "present":
+            self.present.append(route_index)
+        else:
+            self.add_pattern(_set_pattern(leaf), route_index)
+
+    def add_pattern(self, pattern: str, route_index: int) -> None:
+        slot = self.patterns.setdefault(pattern, len(self.pattern_routes))
+        if slot == len(self.pattern_routes):
+            self.pattern_routes.append([])
+        self.pattern_routes[slot].append(route_index)
+
+    def build(self, anchor: str) -> list[int]:
+        """Compile the RE2 set; returns the routes to evaluate always if that fails."""
+        if not self.patterns:
+            return []
+        regex_set = _new_set(anchor)
+        try:
+            for pattern in self.patterns:
+                regex_set.Add(pattern)
+            regex_set.Compile()
+        except re2.error:
+            return [i for routes in self.pattern_routes for i in routes]
+        self.regex_set = regex_set
+        return []
+
+    def collect(self, text: str, out: set[int]) -> None:
+        """Add the routes whose cover leaves hold for ``text``."""
+        hit = self.exact.get(text)
+        if hit:
+            out.update(hit)
+        if self.folded:
+            hit = self.folded.get(text.lower())
+            if hit:
+                out.update(hit)
+        if self.present:
+            out.update(self.present)
+        if self.regex_set is not None:
+            matched = self.regex_set.Match(text)
+            if matched:
+                routes = self.pattern_routes
+                for slot in matched:
+                    out.update(routes[slot])
+
+
+class FilterIndex:
+    """All filter-only routes of one service, indexed so that cost does not grow per route."""
+
+    __slots__ = ("entries", "_subjects", "_lines", "_always")
+
+    def __init__(self, entries: list[_Entry]) -> None:
+        # Sorted by rank: the first matching candidate in index order is the winner.
+        self.entries = sorted(entries, key=lambda e: e.rank)
+        subjects: dict[tuple[str, str], _SubjectIndex] = {}
+        lines = _SubjectIndex(None)  # mirrord header filters: read line by line
+        always: set[int] = set()
+        for index, entry in enumerate(self.entries):
+            cover = None if entry.match is None else _cover(entry.match)
+            if cover is None:
+                always.add(index)
+                continue
+            for leaf in cover:
+                if isinstance(leaf, HeaderLines):
+                    lines.add_pattern("(?i:" + leaf.pattern + ")", index)
+                    continue
+                sub = subjects.get(leaf.subject_id)
+                if sub is None:
+                    sub = subjects[leaf.subject_id] = _SubjectIndex(leaf.subject)
+                sub.add(leaf, index)
+        for sub in subjects.values():
+            always.update(sub.build("full"))
+        always.update(lines.build("search"))
+        self._subjects = tuple(subjects.values())
+        self._lines = lines if lines.regex_set is not None else None
+        self._always = frozenset(always)
+
+    def candidates(self, head: RequestHead) -> set[int]:
+        """Indexes of routes that may match: a superset of those that do."""
+        out = set(self._always)
+        for sub in self._subjects:
+            text = sub.subject(head)  # type: ignore[misc]
+            if text is not None:
+                sub.collect(text, out)
+        lines = self._lines
+        if lines is not None:
+            for name, value in head.headers.items():
+                lines.collect(name + ": " + value, out)
+        return out
+
+    def select(self, head: RequestHead, now: float) -> _Entry | None:
+        """The winning live route whose match holds, or None."""
+        entries = self.entries
+        for index in sorted(self.candidates(head)):
+            entry = entries[index]
+            if now < entry.expires_at and (entry.match is None or entry.match.matches(head)):
+                return entry
+        return None
+
+
+class _ServiceTable:
+    __slots__ = ("keyed", "filters")
+
+    def __init__(self) -> None:
+        self.keyed: dict[str, _Entry] = {}
+        self.filters: FilterIndex | None = None
+
+
+# --------------------------------------------------------------------------- snapshot
+
+
+class Snapshot:
+    """An immutable routing table for one version of the session set."""
+
+    __slots__ = ("version", "sessions", "key_config", "warnings", "_extractor", "_services")
+
+    def __init__(self, version: str, sessions: tuple[Session, ...], key_config: KeyConfig,
+                 services: dict[str, _ServiceTable], warnings: tuple[str, ...]) -> None:
+        self.version = version
+        self.sessions = sessions
+        self.key_config = key_config
+        self.warnings = warnings
+        self._extractor = KeyExtractor(key_config)
+        self._services = services
+
+    @property
+    def services(self) -> tuple[str, ...]:
+        """Services that have at least one route."""
+        return tuple(sorted(self._services))
+
+    def decide(self, service: str, head: RequestHead, now: float) -> Decision:
+        """Route one request. Also sets ``head.found_key`` (the data plane propagates it)."""
+        found = self._extractor.extract(head)
+        head.found_key = found
+        table = self._services.get(service)
+        if table is None:
+            return BASELINE
+        if found is not None:
+            entry = table.keyed.get(found.value)
+            if entry is not None and now < entry.expires_at and (
+                entry.match is None or entry.match.matches(head)
+            ):
+                return entry.decision
+        filters = table.filters
+        if filters is not None:
+            entry = filters.select(head, now)
+            if entry is not None:
+                return entry.decision
+        return BASELINE
+
+    def explain(self, service: str, head: RequestHead, now: float) -> dict[str, Any]:
+        """Why ``decide`` routes this request where it does, step by step."""
+        decision = self.decide(service, head, now)
+        found: FoundKey | None = head.found_key
+        report: dict[str, Any] = {
+            "service": service,
+            "snapshot_version": self.version,
+            "key_sources": self._extractor.explain(head),
+            "key": None if found is None else {"value": found.value, "where": found.where},
+        }
+        table = self._services.get(service)
+        if table is None:
+            report["keyed"] = f"no session has a route for service {service!r}"
+            report["filters"] = []
+        else:
+            report["keyed"] = self._explain_keyed(table, found, head, now)
+            report["filters"] = self._explain_filters(table, head, now)
+        matched = [f["session"] for f in report["filters"] if f["result"] == "matched"]
+        if len(matched) > 1:
+            report["overlap"] = (
+                f"{len(matched)} filter-only sessions match; {matched[0]} wins "
+                "(priority, then oldest, then smallest id); also matched: " + ", ".join(matched[1:])
+            )
+        report["decision"] = decision.to_dict()
+        return report
+
+    @staticmethod
+    def _explain_keyed(table: _ServiceTable, found: FoundKey | None, head: RequestHead,
+                       now: float) -> str:
+        if found is None:
+            return "no routing key in the request"
+        entry = table.keyed.get(found.value)
+        if entry is None:
+            return f"no session has key {found.value!r} for this service"
+        if now >= entry.expires_at:
+            return f"session {entry.session.id} expired at {entry.expires_at}"
+        if entry.match is not None:
+            reason = entry.match.why_not(head)
+            if reason is not None:
+                return f"session {entry.session.id}: route match failed: {reason}"
+        return f"session {entry.session.id} matched"
+
+    @staticmethod
+    def _explain_filters(table: _ServiceTable, head: RequestHead, now: float) -> list[dict[str, Any]]:
+        if table.filters is None:
+            return []
+        out = []
+        for entry in table.filters.entries:
+            reason = None if entry.match is None else entry.match.why_not(head)
+            if now >= entry.expires_at:
+                result = "expired"
+            elif reason is None:
+                result = "matched"
+            else:
+                result = "no match: " + reason
+            out.append({"session": entry.session.id, "priority": entry.route.priority, "result": result})
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form for ``/config_dump``."""
+        return {
+            "version": self.version,
+            "routing": self.key_config.to_dict(),
+            "sessions": [s.to_dict() for s in self.sessions],
+            "warnings": list(self.warnings),
+        }
+
+
+def compile_snapshot(
+    sessions: Iterable[Session],
+    version: str,
+    key_config: KeyConfig | None = None,
+    limits: RuleLimits | None = None,
+) -> Snapshot:
+    """Build a snapshot; raises ``ValidationError`` (and builds nothing) on any conflict."""
+    limits = limits or RuleLimits()
+    ordered = tuple(sessions)
+    if len(ordered) > limits.max_sessions:
+        raise ValidationError(
+            [Problem("sessions", f"{len(ordered)} sessions exceed the limit of {limits.max_sessions}")]
+        )
+    problems = find_conflicts(ordered)
+    if problems:
+        raise ValidationError(problems)
+    services: dict[str, _ServiceTable] = {}
+    filter_entries: dict[str, list[_Entry]] = {}
+    for session in ordered:
+        for route in session.routes:
+            table = services.get(route.service)
+            if table is None:
+                table = services[route.service] = _ServiceTable()
+            entry = _Entry(session, route)
+            if session.key is not None:
+                table.keyed[session.key] = entry
+            else:
+                filter_entries.setdefault(route.service, []).append(entry)
+    warnings = []
+    for service, entries in filter_entries.items():
+        services[service].filters = FilterIndex(entries)
+        warnings.extend(_identical_filters(service, services[service].filters.entries))  # type: ignore[union-attr]
+    return Snapshot(version, ordered, key_config or KeyConfig(), services, tuple(warnings))
+
+
+def _identical_filters(service: str, entries: list[_Entry]) -> list[str]:
+    """Warn about filter-only routes whose match is identical: only one can ever win."""
+    seen: dict[str, _Entry] = {}
+    warnings = []
+    for entry in entries:
+        spec = json.dumps(None if entry.match is None else entry.match.to_spec(), sort_keys=True)
+        first = seen.setdefault(spec, entry)
+        if first is not entry:
+            warnings.append(
+                f"service {service!r}: sessions {first.session.id} and {entry.session.id} have "
+                f"identical filters; {first.session.id} wins while it is live"
+            )
+    return warnings
