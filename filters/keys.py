@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, unquote_plus
 
-from filters.baggage import DEFAULT_MAX_BYTES, DEFAULT_MAX_MEMBERS, MemberExtractor
+from filters.baggage import DEFAULT_MAX_BYTES, DEFAULT_MAX_MEMBERS, MemberExtractor, baggage_values
 from filters.errors import Problem, ValidationError
 from filters.head import RequestHead
 
@@ -221,7 +221,15 @@ def _make_finder(source: KeySource, config: KeyConfig) -> Finder:
             if not header:
                 return None
             found = members.extract(header)
-            return found if found is not None and found[1] else None
+            if found is None or found[1]:
+                return found
+            # The first configured member present is empty: a later name may still hold
+            # a key, as for every other source kind (rare, so the full parse is fine).
+            values = baggage_values(header, config.baggage_max_members, config.baggage_max_bytes)
+            for name in names:
+                if values.get(name):
+                    return name, values[name]
+            return None
 
         return find_baggage
     if source.kind == "tracestate":
@@ -232,7 +240,8 @@ def _make_finder(source: KeySource, config: KeyConfig) -> Finder:
         return lambda head: _find_list_member(head.query, names, "&", "=", unquote_plus)
     prefix = "" if source.kind == "header" else source.kind + "-"
     decode = None if source.kind == "header" else unquote
-    header_names = tuple((name, prefix + name) for name in names)
+    # Head header names are lower case; a KeySource built directly may not be.
+    header_names = tuple((name, prefix + name.lower()) for name in names)
 
     def find_header(head: RequestHead) -> tuple[str, str] | None:
         for name, header_name in header_names:
@@ -265,7 +274,7 @@ def _find_list_member(
             k, eq, v = element.partition(assign)
             if eq and k.strip(" \t") == name:
                 v = v.strip(" \t")
-                if len(v) >= 2 and v[0] == '"' and v[-1] == '"':
+                if separator == ";" and len(v) >= 2 and v[0] == '"' and v[-1] == '"':  # cookie-value DQUOTEs
                     v = v[1:-1]
                 if decode is not None and ("%" in v or "+" in v):
                     v = decode(v)

@@ -97,6 +97,8 @@ class StringTest:
 
     def _build(self, limits: MatchLimits) -> Callable[[str], bool]:
         kind, value, fold = self.kind, self.value, self.ignore_case
+        if kind == "present":
+            return lambda s: True  # test() decides presence before calling this
         if kind == "regex":
             fullmatch = compile_regex(value, limits, case_sensitive=not fold).fullmatch
             return lambda s: fullmatch(s) is not None
@@ -120,7 +122,6 @@ class StringTest:
             "prefix": lambda s: s.startswith(value),
             "suffix": lambda s: s.endswith(value),
             "contains": lambda s: value in s,
-            "present": lambda s: True,
         }[kind]
 
     def test(self, subject: str | None) -> bool:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -101,7 +101,7 @@ def parse_address(text: Any) -> Address:
             raise ValueError(f"{text!r}: write IPv6 addresses as '[addr]:port'")
         if not _HOST_RE.fullmatch(host):
             raise ValueError(f"{host!r} is not a valid host name or IPv4 address")
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
         raise ValueError(f"port {port_text!r} is not a number from 1 to 65535")
     return Address(host, int(port_text))
 
@@ -196,34 +196,42 @@ def parse_sessions(
             [Problem(field_path, f"{len(specs)} sessions exceed the limit of {limits.max_sessions}")]
         )
     sessions = []
+    positions = []
     for i, spec in enumerate(specs):
         session = _parse_session(spec, f"{field_path}[{i}]", limits, now, problems)
         if session is not None:
             sessions.append(session)
-    problems.extend(find_conflicts(sessions, field_path))
+            positions.append(i)
+    problems.extend(find_conflicts(sessions, field_path, positions))
     if problems:
         raise ValidationError(problems)
     return sessions
 
 
-def find_conflicts(sessions: Iterable[Session], field_path: str = "sessions") -> list[Problem]:
-    """Problems for duplicate session ids and for two sessions claiming one (key, service)."""
+def find_conflicts(
+    sessions: Sequence[Session], field_path: str = "sessions", positions: Sequence[int] | None = None
+) -> list[Problem]:
+    """Problems for duplicate session ids and for two sessions claiming one (key, service).
+
+    ``positions`` gives each session's index in the original input, for the field paths.
+    """
     problems = []
     ids: set[str] = set()
     claims: dict[tuple[str, str], str] = {}
-    for session in sessions:
+    for i, session in enumerate(sessions):
+        where = f"{field_path}[{i if positions is None else positions[i]}]"
         if session.id in ids:
-            problems.append(Problem(f"{field_path}.{session.id}.id", f"duplicate session id {session.id!r}"))
+            problems.append(Problem(where + ".id", f"duplicate session id {session.id!r}"))
         ids.add(session.id)
         if session.key is None:
             continue
-        for route in session.routes:
+        for j, route in enumerate(session.routes):
             claim = (session.key, route.service)
             owner = claims.setdefault(claim, session.id)
             if owner != session.id:
                 problems.append(
                     Problem(
-                        f"{field_path}.{session.id}.routes",
+                        f"{where}.routes[{j}]",
                         f"key {session.key!r} for service {route.service!r} is already claimed by session {owner!r}",
                     )
                 )
@@ -353,7 +361,8 @@ def _parse_priority(value: Any, where: str, fail: Any) -> int:
 def _parse_time(value: Any, where: str, fail: Any) -> float | None:
     if isinstance(value, str):
         try:
-            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            # RFC 3339 section 5.6 allows a lower-case "z" as well as "Z".
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
         except ValueError:
             fail(where, "must be unix seconds or an RFC 3339 time")
             return None

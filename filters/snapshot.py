@@ -129,18 +129,22 @@ def _cost(cover: list[Leaf | HeaderLines]) -> int:
                else _DEFAULT_LEAF_COST for leaf in cover)
 
 
+def _escape(literal: str) -> str:
+    return str(re2.escape(literal))
+
+
 def _set_pattern(leaf: Leaf) -> str:
     """The leaf's string test as one full-match RE2 pattern."""
     test = leaf.test
-    kind, value = test.kind, test.value
+    kind, value = test.kind, str(test.value)
     if kind == "regex":
         body = "(?:" + value + ")"
     elif kind == "prefix":
-        body = re2.escape(value) + "(?s:.*)"
+        body = _escape(value) + "(?s:.*)"
     elif kind == "suffix":
-        body = "(?s:.*)" + re2.escape(value)
+        body = "(?s:.*)" + _escape(value)
     elif kind == "contains":
-        body = "(?s:.*)" + re2.escape(value) + "(?s:.*)"
+        body = "(?s:.*)" + _escape(value) + "(?s:.*)"
     else:
         raise AssertionError(kind)
     return "(?i:" + body + ")" if test.ignore_case else body

@@ -1,0 +1,1 @@
+"""turnout's data plane: the proxy, its configuration and its command line."""

@@ -1,0 +1,81 @@
+"""The ``turnout`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+
+from dataplane.demo import DEMO_CONFIG, run_demo
+from dataplane.rules import load_yaml, parse_yaml, snapshot_from_config
+from filters import RequestHead, ValidationError
+
+
+def _header(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition(":")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not 'Name: value'")
+    return name.strip(), value.strip()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="turnout",
+        description="L7 routing data plane: sends each request to the baseline or to the sandbox "
+        "of the session its routing key (W3C baggage) belongs to.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="show routing decisions on embedded demo sessions",
+                          description="Route a set of sample requests with the embedded demo sessions "
+                          "and print where each goes and why.")
+    demo.set_defaults(func=_cmd_demo)
+
+    explain = sub.add_parser(
+        "explain", help="explain where a request would route",
+        description="Evaluate one request against the routing rules of a config file (its 'routing' "
+        "and 'sessions' sections) and print each step of the decision as JSON.",
+    )
+    source = explain.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", metavar="FILE", help="YAML file with 'routing' and 'sessions'")
+    source.add_argument("--demo", action="store_true", help="use the embedded demo sessions")
+    explain.add_argument("--service", required=True, help="the service the request is for, e.g. users")
+    explain.add_argument("--method", default="GET", help="request method (default GET)")
+    explain.add_argument("--target", default="/", help="path and query, e.g. '/api?x=1' (default /)")
+    explain.add_argument("--header", "-H", action="append", type=_header, default=[], metavar="'NAME: VALUE'",
+                         help="a request header; repeat for more")
+    explain.set_defaults(func=_cmd_explain)
+    return parser
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    return run_demo(sys.stdout)
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    config = parse_yaml(DEMO_CONFIG, "demo config") if args.demo else load_yaml(args.config)
+    now = time.time()
+    snapshot = snapshot_from_config(config, "file", now)
+    head = RequestHead.from_pairs(args.method, args.target, args.header)
+    json.dump(snapshot.explain(args.service, head, now), sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``turnout`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ValidationError as exc:
+        sys.stderr.write("turnout: invalid configuration:\n")
+        for problem in exc.problems:
+            sys.stderr.write(f"  {problem}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""The ``turnout`` command line, run as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+
+def turnout(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dataplane.cli", *args], capture_output=True, text=True,
+                          timeout=60, check=False)
+
+
+def test_demo_prints_a_decision_per_request() -> None:
+    result = turnout("demo")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert any("sd-routing-key=abc123" in line and "sandbox fix-123 -> 127.0.0.1:9090" in line for line in lines)
+    assert any("agent7" in line and "mirror agent-7" in line for line in lines)
+    assert any("turnout-session=nope" in line and "baseline" in line for line in lines)
+
+
+def test_explain_with_a_config_file(tmp_path: pathlib.Path) -> None:
+    config = tmp_path / "rules.yaml"
+    config.write_text(
+        "routing: {baggage_keys: [sd-routing-key]}\n"
+        "sessions:\n"
+        "  - {id: s1, key: k1, routes: [{service: users, destination: '10.1.2.3:80'}]}\n"
+    )
+    result = turnout("explain", "--config", str(config), "--service", "users",
+                     "-H", "baggage: a=b, sd-routing-key=k1")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["key"] == {"value": "k1", "where": "baggage member sd-routing-key"}
+    assert report["decision"]["session"] == "s1"
+    assert report["decision"]["destination"] == "10.1.2.3:80"
+
+
+def test_invalid_config_names_every_field(tmp_path: pathlib.Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text(
+        "routing: {baggage_keys: ['bad key'], colour: blue}\n"
+        "sessions:\n"
+        "  - {id: s1, routes: [{service: users, destination: 'nohost', mode: teleport}]}\n"
+    )
+    result = turnout("explain", "--config", str(config), "--service", "users")
+    assert result.returncode == 2
+    assert "routing: unknown field(s): colour" in result.stderr
+    assert "routing.baggage_keys[0]: must be a non-empty HTTP token" in result.stderr
+    assert "sessions[0].routes[0].destination: 'nohost' is not 'host:port'" in result.stderr
+    assert "sessions[0].routes[0].mode: must be one of: steal, mirror" in result.stderr
+
+
+def test_missing_file_and_bad_yaml(tmp_path: pathlib.Path) -> None:
+    missing = turnout("explain", "--config", str(tmp_path / "nope.yaml"), "--service", "users")
+    assert missing.returncode == 2 and "cannot read" in missing.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sessions: [unclosed\n")
+    result = turnout("explain", "--config", str(bad), "--service", "users")
+    assert result.returncode == 2 and "invalid YAML" in result.stderr
+
+
+def test_every_command_has_help() -> None:
+    for args in (["--help"], ["demo", "--help"], ["explain", "--help"]):
+        result = turnout(*args)
+        assert result.returncode == 0 and "usage: turnout" in result.stdout
