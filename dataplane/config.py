@@ -1,0 +1,240 @@
+"""The proxy's bootstrap configuration: one YAML file, validated with field-named messages.
+
+Every limit, timeout and watermark lives in ``Limits``, with its unit in its name and a
+comment saying where the default comes from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dataplane.rules import ConfigError, load_yaml, parse_yaml, snapshot_from_config
+from filters import Address, Problem, Snapshot, parse_address
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Every limit, timeout and watermark of the proxy."""
+
+    # --- request heads
+    # Envoy's max_request_headers_kb defaults to 60 KiB; larger heads get 431.
+    max_head_bytes: int = 60 * 1024
+    # Envoy's max_headers_count defaults to 100; more header lines get 431.
+    max_header_count: int = 100
+    # nginx's large_client_header_buffers is 8 KiB per line; a longer request line gets 414.
+    max_request_line_bytes: int = 8 * 1024
+    # Chunk-size lines carry a size and optional extensions; 4 KiB is generous (h11 uses 4 KiB).
+    max_chunk_line_bytes: int = 4096
+    # Trailer section of a chunked body; same order as a small head.
+    max_trailer_bytes: int = 16 * 1024
+    # --- timeouts
+    # nginx client_header_timeout is 60 s, Envoy's request_headers_timeout is off; 10 s
+    # stops slowloris without hurting real clients, which send a head in one packet.
+    header_read_timeout_s: float = 10.0
+    # nginx client_body_timeout: 60 s between two reads of the request body.
+    body_idle_timeout_s: float = 60.0
+    # nginx keepalive_timeout is 75 s; Envoy's idle_timeout is 1 h. 60 s frees sockets sooner.
+    keepalive_idle_timeout_s: float = 60.0
+    # Envoy's cluster connect_timeout default.
+    upstream_connect_timeout_s: float = 5.0
+    # Envoy's route timeout default: request sent to the whole response head received.
+    upstream_response_timeout_s: float = 15.0
+    # nginx upstream keepalive_timeout: 60 s idle before a pooled connection is closed.
+    upstream_idle_timeout_s: float = 60.0
+    # Graceful drain on SIGTERM: Kubernetes' default grace period is 30 s; leave margin.
+    drain_timeout_s: float = 20.0
+    # --- capacity
+    # nginx's usual upstream keepalive 32 idle connections per destination.
+    upstream_max_idle_per_destination: int = 32
+    # nginx worker_connections is commonly 1024-4096.
+    max_connections_per_worker: int = 4096
+    # --- flow control
+    # asyncio's default transport high-water mark is 64 KiB (low is a quarter).
+    write_high_watermark_bytes: int = 64 * 1024
+    write_low_watermark_bytes: int = 16 * 1024
+    # Bytes of pipelined requests held while an earlier one is in flight before reading pauses.
+    pipeline_buffer_bytes: int = 64 * 1024
+    # --- mirroring (best effort, bounded)
+    # A mirrored request whose body is larger than this is dropped (and counted).
+    mirror_max_body_bytes: int = 64 * 1024
+    # Mirrored requests in flight per worker; the excess is dropped (and counted).
+    mirror_max_in_flight: int = 64
+
+
+_LIMIT_FIELDS = {f.name: f for f in dataclasses.fields(Limits)}
+
+
+@dataclass(frozen=True)
+class Listener:
+    """One listening address: ``inbound`` fronts one service, ``outbound`` any service."""
+
+    name: str
+    address: Address
+    mode: str
+    service: str | None = None
+    baseline: Address | None = None
+    # outbound: authority (host[:port]) -> service name; unmapped authorities are their own name.
+    authorities: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AccessLog:
+    """Optional JSON access log: one line per request, written by a background thread."""
+
+    path: str
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """The whole validated bootstrap configuration."""
+
+    admin: Address | None
+    listeners: tuple[Listener, ...]
+    limits: Limits
+    snapshot: Snapshot
+    debug_headers: bool = False
+    access_log: AccessLog | None = None
+    source: Mapping[str, Any] = field(default_factory=dict)
+
+
+TOP_FIELDS = frozenset({"admin", "routing", "listeners", "sessions", "limits", "access_log"})
+LISTENER_FIELDS = frozenset({"name", "address", "mode", "service", "baseline", "authorities"})
+
+
+def load_config(path: str | Path, now: float | None = None) -> ProxyConfig:
+    """Read and validate a bootstrap file; raises ``ConfigError`` listing every problem."""
+    return parse_config(load_yaml(path), now=now)
+
+
+def parse_config_text(text: str, origin: str = "config", now: float | None = None) -> ProxyConfig:
+    """Validate bootstrap YAML given as text."""
+    return parse_config(parse_yaml(text, origin), now=now)
+
+
+def parse_config(data: Mapping[str, Any], now: float | None = None) -> ProxyConfig:
+    """Validate a bootstrap mapping; raises ``ConfigError`` listing every problem."""
+    problems: list[Problem] = []
+    unknown = set(data) - TOP_FIELDS
+    if unknown:
+        problems.append(Problem("", "unknown top-level field(s): " + ", ".join(sorted(map(str, unknown)))))
+    admin = None
+    admin_spec = data.get("admin")
+    if admin_spec is not None:
+        if not isinstance(admin_spec, Mapping) or set(admin_spec) - {"address"}:
+            problems.append(Problem("admin", "must be a mapping with 'address'"))
+        else:
+            admin = _address(admin_spec.get("address"), "admin.address", problems)
+    listeners = _listeners(data.get("listeners"), problems)
+    limits = _limits(data.get("limits"), problems)
+    access_log = None
+    log_spec = data.get("access_log")
+    if log_spec is not None:
+        if not isinstance(log_spec, Mapping) or set(log_spec) != {"path"} or not isinstance(log_spec["path"], str):
+            problems.append(Problem("access_log", "must be {path: FILE} ('-' for standard output)"))
+        else:
+            access_log = AccessLog(log_spec["path"])
+    routing = data.get("routing") or {}
+    debug_headers = False
+    if isinstance(routing, Mapping):
+        debug_headers = routing.get("debug_headers", False)
+        if not isinstance(debug_headers, bool):
+            problems.append(Problem("routing.debug_headers", "must be true or false"))
+            debug_headers = False
+    snapshot = None
+    try:
+        snapshot = snapshot_from_config(data, version="bootstrap", now=time.time() if now is None else now)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+    if problems or snapshot is None:
+        raise ConfigError(problems)
+    return ProxyConfig(admin, listeners, limits, snapshot, debug_headers, access_log, data)
+
+
+def _address(value: Any, where: str, problems: list[Problem]) -> Address | None:
+    try:
+        return parse_address(value)
+    except ValueError as exc:
+        problems.append(Problem(where, str(exc)))
+        return None
+
+
+def _listeners(spec: Any, problems: list[Problem]) -> tuple[Listener, ...]:
+    if not isinstance(spec, list) or not spec:
+        problems.append(Problem("listeners", "must be a non-empty list"))
+        return ()
+    out = []
+    names: set[str] = set()
+    addresses: set[Address] = set()
+    for i, item in enumerate(spec):
+        where = f"listeners[{i}]"
+        if not isinstance(item, Mapping):
+            problems.append(Problem(where, "must be a mapping"))
+            continue
+        before = len(problems)
+        unknown = set(item) - LISTENER_FIELDS
+        if unknown:
+            problems.append(Problem(where, "unknown field(s): " + ", ".join(sorted(map(str, unknown)))))
+        name = item.get("name", f"listener-{i}")
+        if not isinstance(name, str) or not name or name in names:
+            problems.append(Problem(where + ".name", "must be a unique non-empty string"))
+        names.add(str(name))
+        address = _address(item.get("address"), where + ".address", problems)
+        if address is not None and address in addresses:
+            problems.append(Problem(where + ".address", f"{address} is already used by another listener"))
+        mode = item.get("mode", "inbound")
+        service = item.get("service")
+        baseline = None
+        authorities: dict[str, str] = {}
+        if mode == "inbound":
+            if not isinstance(service, str) or not service:
+                problems.append(Problem(where + ".service", "an inbound listener needs the service it fronts"))
+            baseline = _address(item.get("baseline"), where + ".baseline", problems)
+            if "authorities" in item:
+                problems.append(Problem(where + ".authorities", "only outbound listeners map authorities"))
+        elif mode == "outbound":
+            if "service" in item or "baseline" in item:
+                problems.append(Problem(where, "an outbound listener takes service and baseline from the "
+                                               "request's authority; remove 'service' and 'baseline'"))
+            raw = item.get("authorities", {})
+            if not isinstance(raw, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, str) and k and v for k, v in raw.items()
+            ):
+                problems.append(Problem(where + ".authorities", "must map authority strings to service names"))
+            else:
+                authorities = {k.lower(): v for k, v in raw.items()}
+        else:
+            problems.append(Problem(where + ".mode", "must be inbound or outbound"))
+        if len(problems) == before and address is not None:
+            addresses.add(address)
+            out.append(Listener(str(name), address, mode, service, baseline, authorities))
+    return tuple(out)
+
+
+def _limits(spec: Any, problems: list[Problem]) -> Limits:
+    if spec is None:
+        return Limits()
+    if not isinstance(spec, Mapping):
+        problems.append(Problem("limits", "must be a mapping"))
+        return Limits()
+    values: dict[str, Any] = {}
+    for key, value in spec.items():
+        f = _LIMIT_FIELDS.get(key)
+        if f is None:
+            problems.append(Problem(f"limits.{key}", "unknown limit; known: " + ", ".join(_LIMIT_FIELDS)))
+            continue
+        is_float = f.type == "float"
+        ok = (isinstance(value, (int, float)) if is_float else isinstance(value, int)) and not isinstance(value, bool)
+        if not ok or value <= 0:
+            kind = "a positive number of seconds" if is_float else "a positive integer"
+            problems.append(Problem(f"limits.{key}", "must be " + kind))
+            continue
+        values[key] = float(value) if is_float else value
+    limits = Limits(**values)
+    if limits.write_low_watermark_bytes > limits.write_high_watermark_bytes:
+        problems.append(Problem("limits.write_low_watermark_bytes", "must not exceed write_high_watermark_bytes"))
+    return limits

@@ -1,0 +1,235 @@
+"""turnout's validation layer over both codecs: framing, Host, hop-by-hop, upgrades.
+
+``plan_request`` and ``plan_response`` take a parsed head and return what the proxy will
+do with the message: how its body is framed, whether the connection stays open, and the
+header fields to forward (rebuilt from parsed fields, never the raw head). Anything a
+second parser could read differently is refused (RFC 9112 section 6.3, HARDENING.md).
+"""
+
+from __future__ import annotations
+
+import re
+
+from dataplane.errors import HttpError
+from dataplane.http1.codec import RequestHead1, ResponseHead1
+
+# Removed before forwarding in either direction (RFC 9110 section 7.6.1, and what Envoy
+# strips): they describe one hop, not the message.
+HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"transfer-encoding",
+                        b"upgrade"})
+# A Connection header may not nominate these: removing them would change framing or routing.
+_PROTECTED = frozenset({b"content-length", b"transfer-encoding", b"host"})
+# Rewritten by the proxy from the plan (framing) or added back only when it applies.
+_REFRAMED = frozenset({b"content-length", b"expect"})
+_DIGITS = re.compile(rb"[0-9]{1,18}")
+# host [":" port], host being a reg-name, IPv4 or [IPv6] (RFC 3986 section 3.2.2).
+_AUTHORITY = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]+)(?::[0-9]{0,5})?")
+
+BODY_NONE, BODY_LENGTH, BODY_CHUNKED, BODY_UNTIL_CLOSE = 0, 1, 2, 3
+
+
+class RequestPlan:
+    """A validated request: how to frame and route it and what to forward."""
+
+    __slots__ = ("method", "target", "version", "authority", "headers", "body", "content_length",
+                 "keep_alive", "expect_continue", "websocket")
+
+    def __init__(self, method: bytes, target: bytes, version: bytes, authority: bytes,
+                 headers: list[tuple[bytes, bytes]], body: int, content_length: int, keep_alive: bool,
+                 expect_continue: bool, websocket: bool) -> None:
+        self.method = method
+        self.target = target  # origin-form
+        self.version = version
+        self.authority = authority  # Host, or the absolute-form authority
+        self.headers = headers  # forwardable fields, names lower-case, Host included
+        self.body = body
+        self.content_length = content_length
+        self.keep_alive = keep_alive
+        self.expect_continue = expect_continue
+        self.websocket = websocket
+
+
+class ResponsePlan:
+    """A validated upstream response."""
+
+    __slots__ = ("status", "reason", "headers", "body", "content_length", "keep_alive")
+
+    def __init__(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], body: int,
+                 content_length: int, keep_alive: bool) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.body = body
+        self.content_length = content_length
+        self.keep_alive = keep_alive
+
+
+def _tokens(value: bytes) -> list[bytes]:
+    return [t.strip(b" \t").lower() for t in value.split(b",") if t.strip(b" \t")]
+
+
+def _bad(reason: str, cause: str = "bad_request") -> HttpError:
+    return HttpError(400, reason, cause)
+
+
+def plan_request(head: RequestHead1) -> RequestPlan:
+    """Validate a request head; raises ``HttpError`` (400, 417, 501, 505) when refused."""
+    method = head.method
+    version = head.version
+    target = head.target
+    if method == b"CONNECT":
+        raise HttpError(405, "CONNECT is not supported", "method_not_allowed")
+    absolute_authority = None
+    if target[:1] != b"/":
+        if target == b"*" and method == b"OPTIONS":
+            pass
+        else:
+            absolute_authority, target = _absolute_form(target)
+    hosts: list[bytes] = []
+    lengths: list[bytes] = []
+    codings: list[bytes] = []
+    connection: list[bytes] = []
+    upgrade = expect = None
+    for name, value in head.headers:
+        if name == b"host":
+            hosts.append(value)
+        elif name == b"content-length":
+            lengths.append(value)
+        elif name == b"transfer-encoding":
+            codings.append(value)
+        elif name == b"connection":
+            connection.extend(_tokens(value))
+        elif name == b"upgrade":
+            upgrade = value
+        elif name == b"expect":
+            if expect is not None:
+                raise _bad("repeated Expect header")
+            expect = value
+    if len(hosts) > 1:
+        raise _bad("more than one Host header", "bad_host")
+    if hosts and _AUTHORITY.fullmatch(hosts[0]) is None:
+        raise _bad("invalid Host header", "bad_host")
+    if absolute_authority is not None:
+        authority = absolute_authority  # RFC 9112 section 3.2.2: the target's authority wins
+    elif hosts:
+        authority = hosts[0]
+    elif version == b"1.1":
+        raise _bad("missing Host header", "bad_host")
+    else:
+        authority = b""
+    if version == b"1.1" and not authority:
+        raise _bad("empty Host header", "bad_host")
+    for token in connection:
+        if token in _PROTECTED:
+            raise _bad("Connection header names " + token.decode("latin-1"), "bad_connection")
+    body, content_length = _request_framing(lengths, codings, version)
+    expect_continue = False
+    if expect is not None:
+        if expect.strip(b" \t").lower() != b"100-continue":
+            raise HttpError(417, "only 'Expect: 100-continue' is supported", "expectation_failed")
+        expect_continue = version == b"1.1"
+    websocket = (
+        upgrade is not None
+        and version == b"1.1"
+        and method == b"GET"
+        and b"upgrade" in connection
+        and b"websocket" in _tokens(upgrade)
+    )
+    keep_alive = b"close" not in connection if version == b"1.1" else b"keep-alive" in connection
+    drop = HOP_BY_HOP.union(connection) if connection else HOP_BY_HOP
+    forward = []
+    for name, value in head.headers:
+        if name in drop or name in _REFRAMED:
+            continue
+        forward.append((name, authority if name == b"host" else value))
+    if absolute_authority is not None and not hosts:
+        forward.append((b"host", absolute_authority))
+    if websocket:
+        forward.append((b"connection", b"upgrade"))
+        forward.append((b"upgrade", upgrade))  # type: ignore[arg-type]
+    if expect_continue:
+        forward.append((b"expect", b"100-continue"))
+    return RequestPlan(method, target, version, authority, forward, body, content_length, keep_alive,
+                       expect_continue, websocket)
+
+
+def _absolute_form(target: bytes) -> tuple[bytes, bytes]:
+    lowered = target[:8].lower()
+    if lowered.startswith(b"http://"):
+        rest = target[7:]
+    elif lowered.startswith(b"https://"):
+        rest = target[8:]
+    else:
+        raise _bad("request target must be a path or an http(s) URI", "bad_target")
+    slash = rest.find(b"/")
+    query = rest.find(b"?")
+    cut = min(x for x in (slash, query, len(rest)) if x != -1)
+    authority, path = rest[:cut], rest[cut:]
+    if b"@" in authority or _AUTHORITY.fullmatch(authority) is None or not authority:
+        raise _bad("invalid authority in request target", "bad_target")
+    if b"#" in path:
+        raise _bad("fragment in request target", "bad_target")
+    if not path.startswith(b"/"):
+        path = b"/" + path
+    return authority.lower(), path
+
+
+def _request_framing(lengths: list[bytes], codings: list[bytes], version: bytes) -> tuple[int, int]:
+    if codings:
+        if lengths:
+            raise _bad("both Content-Length and Transfer-Encoding", "bad_framing")
+        if version != b"1.1":
+            raise _bad("Transfer-Encoding in an HTTP/1.0 request", "bad_framing")
+        if len(codings) > 1:
+            raise _bad("more than one Transfer-Encoding header", "bad_framing")
+        coding = _tokens(codings[0])
+        if coding != [b"chunked"]:
+            if b"chunked" in coding:
+                raise _bad("chunked must be the only transfer coding", "bad_framing")
+            raise HttpError(501, "unsupported transfer coding", "unsupported_coding")
+        return BODY_CHUNKED, -1
+    if lengths:
+        if len(lengths) > 1:
+            raise _bad("more than one Content-Length header", "bad_framing")
+        if _DIGITS.fullmatch(lengths[0]) is None:
+            raise _bad("invalid Content-Length", "bad_framing")
+        n = int(lengths[0])
+        return (BODY_LENGTH, n) if n else (BODY_NONE, 0)
+    return BODY_NONE, 0
+
+
+def plan_response(head: ResponseHead1, request_method: bytes) -> ResponsePlan:
+    """Validate an upstream response head; raises ``HttpError`` (502) when refused."""
+    lengths: list[bytes] = []
+    codings: list[bytes] = []
+    connection: list[bytes] = []
+    for name, value in head.headers:
+        if name == b"content-length":
+            lengths.append(value)
+        elif name == b"transfer-encoding":
+            codings.append(value)
+        elif name == b"connection":
+            connection.extend(_tokens(value))
+    status = head.status
+    if codings and lengths:
+        raise HttpError(502, "upstream sent both Content-Length and Transfer-Encoding", "upstream_bad_framing")
+    if len(lengths) > 1:
+        raise HttpError(502, "upstream sent more than one Content-Length", "upstream_bad_framing")
+    if len(codings) > 1 or (codings and _tokens(codings[0]) != [b"chunked"]):
+        raise HttpError(502, "upstream sent an unsupported Transfer-Encoding", "upstream_bad_framing")
+    if lengths and _DIGITS.fullmatch(lengths[0]) is None:
+        raise HttpError(502, "upstream sent an invalid Content-Length", "upstream_bad_framing")
+    keep_alive = b"close" not in connection if head.version == b"1.1" else b"keep-alive" in connection
+    content_length = int(lengths[0]) if lengths else -1
+    if request_method == b"HEAD" or status < 200 or status in (204, 304):
+        body = BODY_NONE
+    elif codings:
+        body = BODY_CHUNKED
+    elif lengths:
+        body = BODY_LENGTH if content_length else BODY_NONE
+    else:
+        body = BODY_UNTIL_CLOSE
+        keep_alive = False
+    drop = HOP_BY_HOP.union(connection) if connection else HOP_BY_HOP
+    forward = [(n, v) for n, v in head.headers if n not in drop]
+    return ResponsePlan(status, head.reason, forward, body, content_length, keep_alive)

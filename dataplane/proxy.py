@@ -1,0 +1,707 @@
+"""The HTTP/1.1 connection manager: one ``Downstream`` per client connection, one
+``Exchange`` per request.
+
+Per request: scan and parse the head (either codec), validate it (``semantics``), decide
+on the snapshot current at that moment, pick a pooled upstream connection for the
+destination, send a head rebuilt from parsed fields, then stream the body both ways.
+Flow control is watermarks: a slow upstream pauses reading from the client, a slow client
+pauses reading from the upstream. Responses to pipelined requests go out in order because
+the next head is not parsed before the current exchange ends.
+
+Phases of a downstream connection::
+
+    HEAD --head parsed--> BODY --body complete--> WAIT --response complete--> HEAD
+      \\                                                 (keep-alive) or close
+       +--101 Switching Protocols--> TUNNEL
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import TYPE_CHECKING, cast
+
+from dataplane.errors import HttpError
+from dataplane.http1.framing import ChunkedDecoder, ContentLengthDecoder, Decoder, chunk, last_chunk
+from dataplane.http1.scan import check_head, find_head_end, skip_leading_crlf
+from dataplane.http1.semantics import (
+    BODY_CHUNKED,
+    BODY_LENGTH,
+    BODY_NONE,
+    RequestPlan,
+    ResponsePlan,
+    plan_request,
+)
+from dataplane.upstream import UpstreamConnection, UpstreamUser
+from filters import Address, Decision, RequestHead, parse_address
+
+if TYPE_CHECKING:
+    from dataplane.config import Listener
+    from dataplane.mirror import MirrorCopy
+    from dataplane.worker import WorkerState
+
+_HEAD, _BODY, _WAIT, _TUNNEL, _CLOSED = range(5)
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_REASONS = {
+    400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed", 408: b"Request Timeout",
+    413: b"Content Too Large", 414: b"URI Too Long", 417: b"Expectation Failed",
+    431: b"Request Header Fields Too Large", 500: b"Internal Server Error", 501: b"Not Implemented",
+    502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout",
+}
+
+
+class Downstream(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(self, state: WorkerState, listener: Listener) -> None:
+        self.state = state
+        self.listener = listener
+        self.transport: asyncio.Transport | None = None
+        self.peer = b""
+        self.phase = _HEAD
+        self.exchange: Exchange | None = None
+        self._buf = b""
+        self._decoder: Decoder | None = None
+        self._read_pauses = 0
+        self._pipeline_paused = False
+        self._write_paused = False
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._idle = True  # between requests: closed silently when draining or idle too long
+
+    # ------------------------------------------------------------------ asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        state = self.state
+        limits = state.limits
+        transport.set_write_buffer_limits(limits.write_high_watermark_bytes, limits.write_low_watermark_bytes)
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0].encode("latin-1") if isinstance(peer, tuple) else b"unix"
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if len(state.connections) >= limits.max_connections_per_worker:
+            state.metrics.connection_refused()
+            self.local_reply(503, "too many connections", "overloaded")
+            return
+        state.connections.add(self)
+        state.metrics.connection_opened()
+        self._set_deadline(limits.header_read_timeout_s)
+
+    def data_received(self, data: bytes) -> None:
+        phase = self.phase
+        if phase == _BODY:
+            self._set_deadline(self.state.limits.body_idle_timeout_s)
+            assert self._decoder is not None
+            try:
+                rest = self._decoder.feed(data)
+            except HttpError as exc:
+                self._request_failed(exc)
+                return
+            if rest:
+                self._buffer(rest)
+        elif phase == _HEAD:
+            if self._idle:
+                self._idle = False
+                self._set_deadline(self.state.limits.header_read_timeout_s)
+            self._buf = self._buf + data if self._buf else data
+            self._read_heads()
+        elif phase == _WAIT:
+            self._buffer(data)
+        elif phase == _TUNNEL:
+            exchange = self.exchange
+            if exchange is not None and exchange.upstream is not None:
+                exchange.upstream.write(data)
+
+    def eof_received(self) -> bool | None:
+        if self.phase == _BODY and self._decoder is not None:
+            try:
+                self._decoder.eof()
+            except HttpError as exc:
+                self._request_failed(exc)
+                return None
+        if self.phase == _WAIT or (self.phase == _TUNNEL and self.exchange is not None):
+            return True  # half-close: the response (or tunnel) still flows back
+        self.close()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.phase != _CLOSED:
+            self.phase = _CLOSED
+            self.state.metrics.connection_closed()
+        self.state.connections.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        exchange = self.exchange
+        if exchange is not None:
+            self.exchange = None
+            exchange.abort()
+        self.state.connection_gone()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        exchange = self.exchange
+        if exchange is not None and exchange.upstream is not None:
+            exchange.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        exchange = self.exchange
+        if exchange is not None and exchange.upstream is not None:
+            exchange.upstream.resume_reading()
+
+    # ------------------------------------------------------------------ flow control
+
+    def pause_reading(self) -> None:
+        """Count one more reason to stop reading from the client."""
+        self._read_pauses += 1
+        if self._read_pauses == 1 and self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        """Drop one reason to stop reading; reading resumes when none is left."""
+        self._read_pauses -= 1
+        if self._read_pauses == 0 and self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def _buffer(self, data: bytes) -> None:
+        # Bytes of the next pipelined request, held until the current exchange ends.
+        self._buf = self._buf + data if self._buf else data
+        if not self._pipeline_paused and len(self._buf) > self.state.limits.pipeline_buffer_bytes:
+            self._pipeline_paused = True
+            self.pause_reading()
+
+    # ------------------------------------------------------------------ timers
+
+    def _set_deadline(self, seconds: float) -> None:
+        # One timer per connection, moved lazily: setting a later deadline is an attribute
+        # write; the timer re-arms itself when it fires early.
+        deadline = self.state.loop_time() + seconds
+        self._deadline = deadline
+        if self._timer is None or deadline < self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = deadline
+            self._timer = self.state.loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.phase == _CLOSED:
+            return
+        now = self.state.loop_time()
+        if now < self._deadline:
+            self._timer_at = self._deadline
+            self._timer = self.state.loop.call_at(self._deadline, self._on_timer)
+            return
+        phase = self.phase
+        if phase == _HEAD:
+            if self._idle and not self._buf:
+                self.close()  # keep-alive idle timeout, or a client that never spoke
+            else:
+                self.state.metrics.downstream_error("header_timeout")
+                self.local_reply(408, "timed out reading the request head", "header_timeout")
+        elif phase == _BODY:
+            self._request_failed(HttpError(408, "timed out reading the request body", "body_timeout"))
+        elif phase == _WAIT and self.exchange is not None:
+            self.exchange.timed_out()
+        elif phase == _TUNNEL:
+            self.close()
+
+    # ------------------------------------------------------------------ requests
+
+    def _read_heads(self) -> None:
+        state = self.state
+        limits = state.limits
+        buf = self._buf
+        try:
+            pos = skip_leading_crlf(buf, 0)
+            end = find_head_end(buf, pos, limits.max_head_bytes)
+            if end == -1:
+                if pos:
+                    self._buf = buf[pos:]
+                return
+            head = buf[pos:end]
+            check_head(head, limits.max_header_count, limits.max_request_line_bytes)
+            plan = plan_request(state.codec.parse_request(head))
+        except HttpError as exc:
+            self._buf = b""
+            state.metrics.downstream_error(exc.cause)
+            self.local_reply(exc.status, exc.reason, exc.cause)
+            return
+        self._buf = b""
+        rest = buf[end:]
+        self._start(plan)
+        if rest:
+            if self.phase == _BODY:
+                self.data_received(rest)
+            elif self.phase != _CLOSED:
+                self._buffer(rest)
+
+    def _start(self, plan: RequestPlan) -> None:
+        state = self.state
+        listener = self.listener
+        if listener.mode == "inbound":
+            service = listener.service
+            baseline = listener.baseline
+        else:
+            authority = plan.authority.decode("latin-1").lower()
+            service = listener.authorities.get(authority, authority)
+            try:
+                baseline = parse_address(authority if ":" in authority.rstrip("]") else authority + ":80")
+            except ValueError:
+                self.local_reply(400, "cannot route to authority " + repr(authority), "bad_authority")
+                return
+        assert service is not None and baseline is not None
+        head = RequestHead(plan.method.decode("latin-1"), plan.target.decode("latin-1"),
+                           _joined(plan.headers))
+        snapshot = state.snapshot  # a request keeps the snapshot it started with
+        decision = snapshot.decide(service, head, state.wall_time())
+        exchange = Exchange(self, plan, service, decision, baseline, head)
+        self.exchange = exchange
+        self._idle = False
+        if plan.body == BODY_NONE:
+            self.phase = _WAIT
+            self._set_deadline(state.limits.upstream_response_timeout_s)
+            exchange.request_done = True
+        else:
+            self.phase = _BODY
+            self._set_deadline(state.limits.body_idle_timeout_s)
+            if plan.body == BODY_LENGTH:
+                self._decoder = ContentLengthDecoder(plan.content_length, exchange.on_request_data,
+                                                     self._on_request_end)
+            else:
+                self._decoder = ChunkedDecoder(exchange.on_request_data, self._on_request_end,
+                                               state.limits.max_chunk_line_bytes, state.limits.max_trailer_bytes)
+        exchange.begin()
+
+    def _on_request_end(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        self._decoder = None
+        exchange = self.exchange
+        if self.phase == _BODY:
+            self.phase = _WAIT
+            self._set_deadline(self.state.limits.upstream_response_timeout_s)
+        if exchange is not None:
+            exchange.on_request_end(trailers)
+
+    def _request_failed(self, exc: HttpError) -> None:
+        self.state.metrics.downstream_error(exc.cause)
+        exchange = self.exchange
+        self.exchange = None
+        if exchange is not None:
+            exchange.abort()
+            if exchange.response_started:
+                self.close()
+                return
+        self.local_reply(exc.status, exc.reason, exc.cause)
+
+    def exchange_done(self, exchange: Exchange, keep_alive: bool) -> None:
+        """The response is complete: next pipelined request, or close."""
+        if self.exchange is not exchange:
+            return
+        self.exchange = None
+        self._decoder = None
+        if not keep_alive or self.state.draining or self.phase == _CLOSED:
+            self.close()
+            return
+        self.phase = _HEAD
+        self._idle = True
+        self._set_deadline(self.state.limits.keepalive_idle_timeout_s)
+        if self._pipeline_paused:
+            self._pipeline_paused = False
+            self.resume_reading()
+        if self._buf:
+            self._idle = False
+            self._set_deadline(self.state.limits.header_read_timeout_s)
+            self._read_heads()
+
+    def enter_tunnel(self) -> None:
+        """The upstream accepted a WebSocket upgrade: bytes now flow both ways untouched."""
+        self.phase = _TUNNEL
+        self._set_deadline(self.state.limits.keepalive_idle_timeout_s)
+        rest = self._buf
+        self._buf = b""
+        if rest and self.exchange is not None and self.exchange.upstream is not None:
+            self.exchange.upstream.write(rest)
+
+    def tunnel_activity(self) -> None:
+        """Bytes moved through the tunnel: push the idle deadline back."""
+        self._set_deadline(self.state.limits.keepalive_idle_timeout_s)
+
+    # ------------------------------------------------------------------ replies
+
+    def write(self, data: bytes) -> None:
+        """Write to the client."""
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def writelines(self, parts: tuple[bytes, ...] | list[bytes]) -> None:
+        """Write several buffers to the client."""
+        if self.transport is not None:
+            self.transport.writelines(parts)
+
+    def local_reply(self, status: int, reason: str, cause: str, session: str | None = None,
+                    keep_alive: bool = False, grpc: bool = False) -> None:
+        """Answer the client directly (an error turnout made), then close unless told not to."""
+        body = reason.encode("utf-8", "replace") + b"\n"
+        error = cause if session is None else cause + "; session=" + session
+        head = [
+            b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Error")),
+            self.state.date_header,
+            b"content-type: text/plain; charset=utf-8\r\n",
+            b"content-length: %d\r\n" % len(body),
+            b"x-turnout-error: " + error.encode("latin-1", "replace") + b"\r\n",
+        ]
+        if not keep_alive or self.state.draining:
+            head.append(b"connection: close\r\n")
+            keep_alive = False
+        head.append(b"\r\n")
+        head.append(body)
+        self.writelines(head)
+        self.state.metrics.local_reply(status)
+        if not keep_alive:
+            self.close()
+
+    def close(self) -> None:
+        """Close after what was written has been sent."""
+        if self.phase != _CLOSED:
+            self.phase = _CLOSED
+            self.state.metrics.connection_closed()
+        if self.transport is not None:
+            self.transport.close()
+
+    def drain(self) -> None:
+        """Graceful shutdown: close now if idle, else after the current response."""
+        if self._idle and not self._buf and self.exchange is None:
+            self.close()
+
+
+def _joined(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for raw_name, raw_value in headers:
+        name = raw_name.decode("latin-1")
+        value = raw_value.decode("latin-1")
+        prev = out.get(name)
+        if prev is None:
+            out[name] = value
+        else:
+            out[name] = prev + ("; " if name == "cookie" else ", ") + value
+    return out
+
+
+class Exchange(UpstreamUser):
+    """One request and its response, from the routing decision to the last byte."""
+
+    def __init__(self, conn: Downstream, plan: RequestPlan, service: str, decision: Decision,
+                 baseline: Address, head: RequestHead) -> None:
+        self.conn = conn
+        self.state = conn.state
+        self.plan = plan
+        self.service = service
+        self.decision = decision
+        self.baseline = baseline
+        self.route_kind = "sandbox" if decision.kind == "sandbox" else decision.kind
+        self.destination: Address = (
+            decision.destination if decision.kind == "sandbox" and decision.destination else baseline)
+        self.upstream: UpstreamConnection | None = None
+        self.request_done = False
+        self.response_started = False
+        self.finished = False
+        self.status = 0
+        self.bytes_out = 0
+        self.retried = False
+        self._pending: list[bytes] | None = []
+        self._trailers: list[tuple[bytes, bytes]] = []
+        self._upstream_paused = False
+        self._pending_paused = False
+        self._client_chunked = False
+        self._client_keep_alive = plan.keep_alive
+        self._body_started = False
+        self.started_at = self.state.loop_time()
+        self.fallback_used = False
+        self._head_bytes = self._upstream_head(head)
+        self.mirror: MirrorCopy | None = None
+        if decision.kind == "mirror":
+            self.mirror = self.state.mirrors.start(decision, plan, self._head_lines)
+            if self.mirror is not None and plan.body == BODY_NONE:
+                self.mirror.end()
+
+    # ------------------------------------------------------------------ request side
+
+    def _upstream_head(self, head: RequestHead) -> bytes:
+        plan = self.plan
+        lines: list[bytes] = []
+        xff = None
+        proto = False
+        baggage_index = -1
+        for name, value in plan.headers:
+            if name == b"x-forwarded-for":
+                xff = value if xff is None else xff + b", " + value
+                continue
+            if name == b"x-forwarded-proto":
+                proto = True
+            elif name == b"baggage":
+                baggage_index = len(lines)
+            lines.append(name + b": " + value + b"\r\n")
+        found = head.found_key
+        if found is not None and found.source.propagate:
+            member = self.state.propagate_member + b"=" + found.value.encode("latin-1", "replace")
+            if baggage_index == -1:
+                lines.append(b"baggage: " + member + b"\r\n")
+            else:
+                lines[baggage_index] = lines[baggage_index][:-2] + b"," + member + b"\r\n"
+        lines.append(b"x-forwarded-for: " + (self.conn.peer if xff is None else xff + b", " + self.conn.peer)
+                     + b"\r\n")
+        if not proto:
+            lines.append(b"x-forwarded-proto: http\r\n")
+        self._head_lines = lines
+        framing = b""
+        if plan.body == BODY_LENGTH:
+            framing = b"content-length: %d\r\n" % plan.content_length
+        elif plan.body == BODY_CHUNKED:
+            framing = b"transfer-encoding: chunked\r\n"
+        return b"".join([plan.method, b" ", plan.target, b" HTTP/1.1\r\n", *lines, framing, b"\r\n"])
+
+    def begin(self) -> None:
+        """Send the request to a pooled connection, or start connecting."""
+        conn = self.state.pool.acquire(self.destination)
+        if conn is not None:
+            self._bind(conn)
+        else:
+            self.state.spawn(self._connect())
+
+    async def _connect(self) -> None:
+        try:
+            conn = await self.state.pool.connect(self.destination)
+        except HttpError as exc:
+            self._connect_failed(exc)
+            return
+        if self.finished:
+            conn.finish(reusable=True)
+            return
+        self._bind(conn)
+
+    def _connect_failed(self, exc: HttpError) -> None:
+        if self.finished:
+            return
+        decision = self.decision
+        self.state.metrics.upstream_error(self.service, self.route_kind, exc.cause)
+        if self.route_kind == "sandbox" and decision.fallback == "baseline" and not self.fallback_used:
+            # Nothing reached the sandbox: re-send on baseline.
+            self.fallback_used = True
+            self.route_kind = "baseline"
+            self.destination = self.baseline
+            self.state.metrics.fallback(self.service)
+            self.begin()
+            return
+        session = decision.session_id if self.route_kind == "sandbox" else None
+        self._fail_before_response(exc, session)
+
+    def _bind(self, conn: UpstreamConnection) -> None:
+        self.upstream = conn
+        conn.begin(self, self.plan.method, self._head_bytes)
+        pending = self._pending
+        self._pending = None
+        if self._pending_paused:
+            self._pending_paused = False
+            self.conn.resume_reading()
+        chunked = self.plan.body == BODY_CHUNKED
+        if pending:
+            for data in pending:
+                if chunked:
+                    conn.writelines(chunk(data))
+                else:
+                    conn.write(data)
+        if self.request_done and chunked:
+            conn.write(last_chunk(self._trailers))
+
+    def on_request_data(self, data: bytes) -> None:
+        """Request body bytes from the client."""
+        self._body_started = True
+        if self.mirror is not None:
+            self.mirror.feed(data)
+        if self._pending is not None:
+            self._pending.append(data)
+            if len(self._pending) == 8 and not self._pending_paused:  # connecting: hold a little, then wait
+                self._pending_paused = True
+                self.conn.pause_reading()
+            return
+        upstream = self.upstream
+        if upstream is None:
+            return
+        if self.plan.body == BODY_CHUNKED:
+            upstream.writelines(chunk(data))
+        else:
+            upstream.write(data)
+
+    def on_request_end(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        """The client's request body is complete."""
+        self.request_done = True
+        if self.mirror is not None:
+            self.mirror.end()
+        if self.plan.body != BODY_CHUNKED:
+            return
+        if self._pending is not None:
+            self._trailers = trailers
+        elif self.upstream is not None:
+            self.upstream.write(last_chunk(trailers))
+
+    def on_upstream_writable(self, writable: bool) -> None:
+        """Upstream buffer crossed a watermark: stop or restart reading the client."""
+        if writable == self._upstream_paused:
+            self._upstream_paused = not writable
+            if writable:
+                self.conn.resume_reading()
+            else:
+                self.conn.pause_reading()
+
+    # ------------------------------------------------------------------ response side
+
+    def on_informational(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        """Relay ``100 Continue`` when the client asked for it; drop other 1xx."""
+        if status == 100 and self.plan.expect_continue and not self._body_started:
+            self.conn.write(_CONTINUE)
+
+    def on_response_head(self, plan: ResponsePlan) -> None:
+        """Write the response head to the client, rebuilt from parsed fields."""
+        state = self.state
+        self.response_started = True
+        self.status = plan.status
+        conn = self.conn
+        if plan.status == 101:
+            if not self.plan.websocket:
+                self.on_upstream_error(HttpError(502, "upstream switched protocols unasked", "upstream_bad_head"),
+                                       False)
+                return
+            lines = [b"HTTP/1.1 101 Switching Protocols\r\n"]
+            lines.extend(n + b": " + v + b"\r\n" for n, v in plan.headers)
+            lines.append(b"connection: upgrade\r\nupgrade: websocket\r\n\r\n")
+            conn.writelines(lines)
+            conn.enter_tunnel()
+            return
+        # Answered before the whole body arrived (or, with Expect: 100-continue, before the
+        # client decided to send it): what follows cannot be framed, so close afterwards.
+        keep_alive = self._client_keep_alive and not state.draining and self.request_done
+        lines = [b"HTTP/1.1 %d %s\r\n" % (plan.status, plan.reason or _REASONS.get(plan.status, b"Unknown"))]
+        for name, value in plan.headers:
+            lines.append(name + b": " + value + b"\r\n")
+        if plan.body not in (BODY_NONE, BODY_LENGTH):  # chunked or until-close upstream
+            if self.plan.version == b"1.1":
+                self._client_chunked = True
+                lines.append(b"transfer-encoding: chunked\r\n")
+            else:
+                keep_alive = False  # HTTP/1.0 client: the body ends when the connection does
+        if state.debug_headers:
+            route = b"baseline" if self.route_kind == "baseline" else self.decision.session_id.encode()  # type: ignore[union-attr]
+            lines.append(b"x-turnout-route: " + route + b"\r\n")
+        if not keep_alive:
+            lines.append(b"connection: close\r\n")
+        elif self.plan.version == b"1.0":
+            lines.append(b"connection: keep-alive\r\n")
+        lines.append(b"\r\n")
+        self._client_keep_alive = keep_alive
+        conn.writelines(lines)
+        conn._set_deadline(state.limits.body_idle_timeout_s)
+
+    def on_response_data(self, data: bytes) -> None:
+        """Stream response body bytes to the client."""
+        self.bytes_out += len(data)
+        self.conn._set_deadline(self.state.limits.body_idle_timeout_s)
+        if self._client_chunked:
+            self.conn.writelines(chunk(data))
+        else:
+            self.conn.write(data)
+
+    def on_response_end(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        """The response is complete: release the upstream and move the client on."""
+        if self._client_chunked:
+            self.conn.write(last_chunk(trailers))
+        upstream = self.upstream
+        self.upstream = None
+        if upstream is not None:
+            upstream.finish(reusable=self.request_done)
+        self._complete(self._client_keep_alive and self.request_done)
+
+    def on_tunnel_data(self, data: bytes) -> None:
+        """Upgraded-connection bytes from the upstream."""
+        self.conn.write(data)
+        self.conn.tunnel_activity()
+
+    def on_upstream_error(self, error: HttpError, response_started: bool) -> None:
+        """The upstream failed: retry, fall back, answer with an error, or cut the client off."""
+        if self.finished:
+            return
+        upstream = self.upstream
+        self.upstream = None
+        if upstream is not None:
+            upstream.close()
+        if self.response_started or response_started:
+            # Never turn a broken response into a well-formed short one.
+            self.state.metrics.upstream_error(self.service, self.route_kind, error.cause)
+            self._complete(False)
+            if self.conn.transport is not None:
+                self.conn.transport.abort()
+            return
+        if (upstream is not None and upstream.reused and not upstream.got_bytes and not self.retried
+                and self.plan.method in _IDEMPOTENT and self.plan.body == BODY_NONE):
+            # A pooled connection the upstream had closed: once more on a fresh one.
+            self.retried = True
+            self._pending = []
+            self.state.spawn(self._connect())
+            return
+        self.state.metrics.upstream_error(self.service, self.route_kind, error.cause)
+        session = self.decision.session_id if self.route_kind == "sandbox" else None
+        self._fail_before_response(error, session)
+
+    def timed_out(self) -> None:
+        """No response head within the upstream response timeout."""
+        if self.response_started:
+            self.on_upstream_error(HttpError(504, "upstream response stalled", "upstream_timeout"), True)
+            return
+        session = self.decision.session_id if self.route_kind == "sandbox" else None
+        upstream = self.upstream
+        self.upstream = None
+        if upstream is not None:
+            upstream.close()
+        self.state.metrics.upstream_error(self.service, self.route_kind, "upstream_timeout")
+        self._fail_before_response(HttpError(504, "upstream did not answer in time", "upstream_timeout"), session)
+
+    def _fail_before_response(self, error: HttpError, session: str | None) -> None:
+        self.status = error.status
+        keep = self.request_done and self._client_keep_alive
+        self._complete(keep, local=True)
+        self.conn.local_reply(error.status, error.reason, error.cause, session, keep_alive=keep)
+        if keep:
+            self.conn.exchange_done(self, True)
+
+    def _complete(self, keep_alive: bool, local: bool = False) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self._upstream_paused:
+            self._upstream_paused = False
+            self.conn.resume_reading()
+        if self._pending_paused:
+            self._pending_paused = False
+            self.conn.resume_reading()
+        self.state.request_finished(self)
+        if not local:
+            self.conn.exchange_done(self, keep_alive)
+
+    def abort(self) -> None:
+        """The client went away or sent a broken body: drop the upstream side."""
+        upstream = self.upstream
+        self.upstream = None
+        if upstream is not None:
+            upstream.close()
+        if self.mirror is not None:
+            self.mirror.cancel()
+        if not self.finished:
+            self.finished = True
+            if self.status == 0:
+                self.status = 499  # nginx's "client closed request"
+            self.state.request_finished(self)
+

@@ -1,0 +1,190 @@
+"""The supervisor: starts N worker processes, restarts crashed ones, serves the admin port.
+
+Workers share each listening port through SO_REUSEPORT. The supervisor never touches
+proxied traffic; it answers ``/healthz`` itself and builds ``/ready``, ``/metrics``,
+``/config_dump`` and ``/explain`` from the workers' admin sockets. SIGTERM drains the
+workers; SIGHUP validates the file and, if it is valid, has every worker reload it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from urllib.parse import quote
+
+from dataplane.admin import Response, fetch_unix, json_response, serve_connection, text_response
+from dataplane.config import ProxyConfig, load_config
+from dataplane.metrics import merge_expositions
+from dataplane.rules import ConfigError
+
+# A worker that dies within this long of starting is crash-looping: back off before the
+# next start (doubling up to the cap) instead of spinning.
+_CRASH_WINDOW_S = 2.0
+_MAX_BACKOFF_S = 10.0
+
+
+@dataclass
+class WorkerProcess:
+    """One worker and how to reach its admin socket."""
+
+    index: int
+    admin_socket: str
+    process: asyncio.subprocess.Process | None = None
+    started_at: float = 0.0
+    restarts: int = 0
+    backoff_s: float = 0.0
+    history: list[int] = field(default_factory=list)
+
+
+class Supervisor:
+    """Owns the worker processes and the admin listener."""
+
+    def __init__(self, config_path: str, config: ProxyConfig, workers: int, codec: str) -> None:
+        self.config_path = config_path
+        self.config = config
+        self.codec = codec
+        self.stopping = False
+        self.reloads = {"ok": 0, "invalid": 0}
+        self._runtime = tempfile.mkdtemp(prefix="turnout-")
+        self.workers = [WorkerProcess(i, os.path.join(self._runtime, f"worker-{i}.sock")) for i in range(workers)]
+        self._stop = asyncio.Event()
+        self._watchers: list[asyncio.Task[None]] = []
+
+    async def run(self) -> int:
+        """Run until SIGTERM/SIGINT; returns the exit status."""
+        loop = asyncio.get_running_loop()
+        for worker in self.workers:
+            await self._start(worker)
+        admin = None
+        if self.config.admin is not None:
+            admin = await asyncio.start_server(lambda r, w: serve_connection(r, w, self.admin),
+                                               self.config.admin.host, self.config.admin.port)
+        loop.add_signal_handler(signal.SIGTERM, self._stop.set)
+        loop.add_signal_handler(signal.SIGINT, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        if await self._wait_ready(10.0):
+            sys.stderr.write(f"turnout: {len(self.workers)} worker(s) ready; "
+                             + ", ".join(f"{lst.name} on {lst.address}" for lst in self.config.listeners)
+                             + (f"; admin on {self.config.admin}" if self.config.admin else "") + "\n")
+        await self._stop.wait()
+        self.stopping = True
+        await self._shutdown()
+        if admin is not None:
+            admin.close()
+        shutil.rmtree(self._runtime, ignore_errors=True)
+        return 0
+
+    async def _start(self, worker: WorkerProcess) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(worker.admin_socket)
+        worker.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "dataplane.worker", "--config", self.config_path, "--http", self.codec,
+            "--index", str(worker.index), "--admin-socket", worker.admin_socket,
+        )
+        worker.started_at = time.monotonic()
+        self._watchers.append(asyncio.get_running_loop().create_task(self._watch(worker)))
+
+    async def _watch(self, worker: WorkerProcess) -> None:
+        process = worker.process
+        assert process is not None
+        code = await process.wait()
+        if self.stopping:
+            return
+        worker.history.append(code)
+        worker.restarts += 1
+        lived = time.monotonic() - worker.started_at
+        worker.backoff_s = 0.0 if lived > _CRASH_WINDOW_S else min(_MAX_BACKOFF_S, max(0.25, worker.backoff_s * 2))
+        sys.stderr.write(f"turnout: worker {worker.index} (pid {process.pid}) exited with {code}; "
+                         f"restarting in {worker.backoff_s:.2f}s\n")
+        await asyncio.sleep(worker.backoff_s)
+        if not self.stopping:
+            await self._start(worker)
+
+    async def _wait_ready(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not self._stop.is_set():
+            if all(r[0] == 200 for r in await self._ask_all("GET", "/ready")):
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+    async def _ask(self, worker: WorkerProcess, method: str, target: str, body: bytes = b"") -> Response:
+        try:
+            return await fetch_unix(worker.admin_socket, method, target, body)
+        except (OSError, TimeoutError) as exc:
+            return 503, "text/plain", f"worker {worker.index} unreachable: {exc}\n".encode()
+
+    async def _ask_all(self, method: str, target: str) -> list[Response]:
+        return list(await asyncio.gather(*(self._ask(w, method, target) for w in self.workers)))
+
+    def reload(self) -> None:
+        """SIGHUP: validate the file; only a valid one is handed to the workers."""
+        try:
+            self.config = load_config(self.config_path)
+        except ConfigError as exc:
+            self.reloads["invalid"] += 1
+            sys.stderr.write(f"turnout: reload refused, workers keep the running config:\n  {exc}\n")
+            return
+        self.reloads["ok"] += 1
+        for worker in self.workers:
+            if worker.process is not None and worker.process.returncode is None:
+                worker.process.send_signal(signal.SIGHUP)
+
+    async def _shutdown(self) -> None:
+        for worker in self.workers:
+            if worker.process is not None and worker.process.returncode is None:
+                worker.process.send_signal(signal.SIGTERM)
+        deadline = self.config.limits.drain_timeout_s + 5.0
+        procs = [w.process for w in self.workers if w.process is not None]
+        try:
+            await asyncio.wait_for(asyncio.gather(*(p.wait() for p in procs)), deadline)
+        except TimeoutError:
+            for p in procs:
+                if p.returncode is None:
+                    p.kill()
+            await asyncio.gather(*(p.wait() for p in procs))
+        for task in self._watchers:
+            task.cancel()
+
+    async def admin(self, method: str, path: str, query: dict[str, list[str]], body: bytes) -> Response:
+        """Public admin endpoints."""
+        if path == "/healthz":
+            return text_response(200, "ok\n")
+        if path == "/ready":
+            if self.stopping:
+                return text_response(503, "draining\n")
+            answers = await self._ask_all("GET", "/ready")
+            lines = [f"worker {w.index}: {a[2].decode().strip()}" for w, a in zip(self.workers, answers, strict=True)]
+            ok = all(a[0] == 200 for a in answers)
+            return text_response(200 if ok else 503, ("ready\n" if ok else "not ready\n") + "\n".join(lines) + "\n")
+        if path == "/metrics":
+            answers = await self._ask_all("GET", "/metrics")
+            return (200, "text/plain; version=0.0.4; charset=utf-8",
+                    merge_expositions([a[2] for a in answers if a[0] == 200]))
+        if path == "/config_dump":
+            answers = await self._ask_all("GET", "/config_dump")
+            first = next((json.loads(a[2]) for a in answers if a[0] == 200), None)
+            workers = [
+                {"index": w.index, "pid": None if w.process is None else w.process.pid, "restarts": w.restarts,
+                 "up": a[0] == 200}
+                for w, a in zip(self.workers, answers, strict=True)
+            ]
+            return json_response(200 if first else 503, {"config": first, "workers": workers,
+                                                           "reloads": self.reloads, "codec": self.codec})
+        if path == "/explain":
+            target = path + ("?" + "&".join(f"{quote(k)}={quote(v, safe='')}" for k, vs in query.items()
+                                            for v in vs) if query else "")
+            for worker in self.workers:
+                answer = await self._ask(worker, "POST" if body else "GET", target, body)
+                if answer[0] != 503:
+                    return answer
+            return text_response(503, "no worker reachable\n")
+        return text_response(404, "unknown admin path; try /ready /healthz /metrics /config_dump /explain\n")

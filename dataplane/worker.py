@@ -1,0 +1,259 @@
+"""One proxy worker process: its listeners, its shared state, drain and reload.
+
+A worker binds every listener with SO_REUSEPORT (the kernel spreads connections across
+workers), serves its own admin endpoints on a Unix socket that the supervisor queries,
+drains on SIGTERM and reloads its configuration file on SIGHUP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+from dataplane.accesslog import AccessLog
+from dataplane.admin import Response, json_response, serve_connection, text_response
+from dataplane.config import ProxyConfig, load_config
+from dataplane.http1.codec import make_codec
+from dataplane.metrics import Metrics
+from dataplane.mirror import MirrorManager
+from dataplane.proxy import Downstream, Exchange
+from dataplane.rules import ConfigError
+from dataplane.upstream import Pool
+from filters import RequestHead, Snapshot
+
+
+class WorkerState:
+    """Everything a worker's connections share: one explicit object, no module globals."""
+
+    def __init__(self, config: ProxyConfig, codec_name: str, loop: asyncio.AbstractEventLoop,
+                 worker: str = "0") -> None:
+        self.loop = loop
+        self.loop_time = loop.time
+        self.wall_time = time.time
+        self.worker = worker
+        self.codec_name = codec_name
+        self.config = config
+        self.limits = config.limits
+        self.codec = make_codec(codec_name, config.limits.max_head_bytes)
+        self.metrics = Metrics(worker)
+        self.snapshot: Snapshot = config.snapshot
+        self.debug_headers = config.debug_headers
+        self.propagate_member = b"turnout-session"
+        self.pool = Pool(self)
+        self.mirrors = MirrorManager(self)
+        self.connections: set[Downstream] = set()
+        self.draining = False
+        self.ready = False
+        self.access_log = AccessLog(config.access_log.path, worker) if config.access_log else None
+        self.date_header = b""
+        self.loaded_at = time.time()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._drained = asyncio.Event()
+        self._apply(config)
+        self._tick()
+
+    def _apply(self, config: ProxyConfig) -> None:
+        self.config = config
+        self.snapshot = config.snapshot  # one reference swap; requests keep the one they started with
+        self.debug_headers = config.debug_headers
+        baggage = [s for s in config.snapshot.key_config.sources if s.kind == "baggage"]
+        self.propagate_member = (baggage[0].names[0] if baggage else "turnout-session").encode()
+        self.loaded_at = time.time()
+        self.metrics.snapshot_loaded(config.snapshot.version, len(config.snapshot.sessions))
+
+    def reload(self, path: str) -> bool:
+        """Load the config file again; keep the current one if the new one is invalid."""
+        try:
+            config = load_config(path)
+        except ConfigError as exc:
+            self.metrics.reload("invalid")
+            sys.stderr.write(f"turnout worker {self.worker}: reload refused, keeping the old config: {exc}\n")
+            return False
+        if [(lst.name, lst.address) for lst in config.listeners] != [
+            (lst.name, lst.address) for lst in self.config.listeners
+        ]:
+            sys.stderr.write(f"turnout worker {self.worker}: listener changes need a restart; applying the rest\n")
+        self._apply(config)
+        self.metrics.reload("ok")
+        return True
+
+    def _tick(self) -> None:
+        # Once a second: the Date header and the idle-pool sweep, never per request.
+        now = time.time()
+        self.date_header = b"date: " + time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now)).encode() + b"\r\n"
+        self.pool.sweep(self.loop_time())
+        self.loop.call_later(1.0, self._tick)
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a background coroutine, keeping a reference until it ends."""
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def request_finished(self, exchange: Exchange) -> None:
+        """Metrics and the access log for one finished request."""
+        seconds = self.loop_time() - exchange.started_at
+        self.metrics.request(exchange.service, exchange.route_kind, exchange.status, seconds)
+        if self.access_log is not None:
+            plan = exchange.plan
+            self.access_log.record(
+                time.time(), exchange.conn.peer.decode("latin-1"), plan.method.decode("latin-1"),
+                plan.target.decode("latin-1"), exchange.status, exchange.service, exchange.route_kind,
+                exchange.decision.session_id, str(exchange.destination), round(seconds * 1000, 3),
+                exchange.bytes_out, exchange.fallback_used,
+            )
+
+    def connection_gone(self) -> None:
+        """A client connection closed; note when a drain has finished."""
+        if self.draining and not self.connections:
+            self._drained.set()
+
+    async def drain(self, servers: list[asyncio.AbstractServer]) -> None:
+        """Stop accepting, let in-flight requests finish, close by the deadline."""
+        self.draining = True
+        for server in servers:
+            server.close()
+        for conn in list(self.connections):
+            conn.drain()
+        if self.connections:
+            try:
+                await asyncio.wait_for(self._drained.wait(), self.limits.drain_timeout_s)
+            except TimeoutError:
+                for conn in list(self.connections):
+                    conn.close()
+        self.pool.close_all()
+        if self.access_log is not None:
+            self.access_log.close()
+
+    # ------------------------------------------------------------------ admin
+
+    async def admin(self, method: str, path: str, query: dict[str, list[str]], body: bytes) -> Response:
+        """The worker's admin endpoints (served on its Unix socket)."""
+        if path == "/ready":
+            return text_response(200 if self.ready and not self.draining else 503,
+                                 "ready\n" if self.ready and not self.draining else "not ready\n")
+        if path == "/metrics":
+            return 200, "text/plain; version=0.0.4; charset=utf-8", self.metrics.exposition()
+        if path == "/config_dump":
+            return json_response(200, self.config_dump())
+        if path == "/explain":
+            return self.explain(query, body)
+        if path == "/reload" and method == "POST":
+            ok = self.reload(body.decode() or self.config_path)
+            return text_response(200 if ok else 400, "reloaded\n" if ok else "reload refused\n")
+        return text_response(404, "unknown admin path\n")
+
+    config_path = ""
+
+    def config_dump(self) -> dict[str, Any]:
+        """Config, snapshot and runtime state as JSON."""
+        config = self.config
+        return {
+            "worker": self.worker,
+            "pid": os.getpid(),
+            "codec": self.codec.name,
+            "loaded_at": self.loaded_at,
+            "draining": self.draining,
+            "listeners": [
+                {"name": lst.name, "address": str(lst.address), "mode": lst.mode, "service": lst.service,
+                 "baseline": None if lst.baseline is None else str(lst.baseline),
+                 "authorities": dict(lst.authorities)}
+                for lst in config.listeners
+            ],
+            "limits": {k: getattr(config.limits, k) for k in config.limits.__dataclass_fields__},
+            "debug_headers": config.debug_headers,
+            "snapshot": self.snapshot.to_dict(),
+            "connections": len(self.connections),
+            "upstream_pool": self.pool.stats(),
+        }
+
+    def explain(self, query: dict[str, list[str]], body: bytes) -> Response:
+        """``/explain``: the routing decision for a described request, step by step."""
+        spec: Any = {}
+        if body:
+            try:
+                spec = json.loads(body)
+            except ValueError:
+                return text_response(400, "body must be JSON: {service, method, path, headers}\n")
+            if not isinstance(spec, dict):
+                return text_response(400, "body must be a JSON object\n")
+        service = spec.get("service") or (query.get("service") or [""])[0]
+        if not service:
+            return text_response(400, "give service=NAME (query) or {\"service\": ...} (JSON body)\n")
+        method = spec.get("method") or (query.get("method") or ["GET"])[0]
+        target = spec.get("path") or (query.get("path") or ["/"])[0]
+        pairs: list[tuple[str, str]] = []
+        headers = spec.get("headers") or {}
+        if isinstance(headers, dict):
+            pairs.extend((str(k), str(v)) for k, v in headers.items())
+        for item in query.get("header", []):
+            name, _, value = item.partition(":")
+            pairs.append((name.strip(), value.strip()))
+        head = RequestHead.from_pairs(str(method), str(target), pairs)
+        return json_response(200, self.snapshot.explain(str(service), head, time.time()))
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """A listening TCP socket with SO_REUSEPORT, so every worker can bind the same port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(4096)
+    sock.setblocking(False)
+    return sock
+
+
+async def run_worker(config_path: str, codec_name: str, index: int, admin_socket: str | None) -> int:
+    """Serve until SIGTERM; returns the exit status."""
+    loop = asyncio.get_running_loop()
+    config = load_config(config_path)
+    state = WorkerState(config, codec_name, loop, str(index))
+    state.config_path = config_path
+    servers: list[asyncio.AbstractServer] = []
+    for listener in config.listeners:
+        sock = bind_listener(listener.address.host, listener.address.port)
+        server = await loop.create_server(lambda lst=listener: Downstream(state, lst), sock=sock)  # type: ignore[misc]
+        servers.append(server)
+    admin_server = None
+    if admin_socket:
+        admin_server = await asyncio.start_unix_server(
+            lambda r, w: serve_connection(r, w, state.admin), path=admin_socket)
+    state.ready = True
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: state.reload(config_path))
+    await stop.wait()
+    await state.drain(servers)
+    if admin_server is not None:
+        admin_server.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of a worker process (started by the supervisor)."""
+    parser = argparse.ArgumentParser(prog="turnout-worker", description="One turnout proxy worker process.")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--http", default="auto", choices=["auto", "httptools", "h11"])
+    parser.add_argument("--index", type=int, default=0)
+    parser.add_argument("--admin-socket")
+    args = parser.parse_args(argv)
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        return asyncio.run(run_worker(args.config, args.http, args.index, args.admin_socket))
+    return uvloop.run(run_worker(args.config, args.http, args.index, args.admin_socket))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
