@@ -358,8 +358,8 @@ def parse_responses(data: bytes, head_request: bool = False) -> list[Response]:
                 body += data[:size]
                 data = data[size + 2 :]
         elif "content-length" in hmap:
-            n = int(hmap["content-length"])
-            body, data = data[:n], data[n:]
+            length = int(hmap["content-length"])
+            body, data = data[:length], data[length:]
         else:
             body, data = data, b""
         out.append(Response(status, headers, body))
