@@ -10,8 +10,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from dataplane.demo import DEMO_CONFIG, run_demo
-from dataplane.rules import load_yaml, parse_yaml, snapshot_from_config
+from dataplane.demo import explain_config, run_demo
+from dataplane.rules import load_yaml, snapshot_from_config
 from filters import RequestHead, ValidationError
 
 
@@ -49,9 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file", metavar="FILE")
     check.set_defaults(func=_cmd_check_config)
 
-    demo = sub.add_parser("demo", help="show routing decisions on embedded demo sessions",
-                          description="Route a set of sample requests with the embedded demo sessions "
-                          "and print where each goes and why.")
+    demo = sub.add_parser(
+        "demo", help="run labelled upstreams and the proxy, and show every routing case",
+        description="Start a baseline, a sandbox and a mirror-target upstream, the proxy with demo sessions, "
+        "send one request per routing case and print where each went; then print curl lines and the admin "
+        "URLs and keep running until Ctrl-C.")
+    demo.add_argument("--once", action="store_true", help="exit after printing the routing table")
     demo.set_defaults(func=_cmd_demo)
 
     explain = sub.add_parser(
@@ -104,11 +107,11 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    return run_demo(sys.stdout)
+    return run_demo(sys.stdout, once=args.once)
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-    config = parse_yaml(DEMO_CONFIG, "demo config") if args.demo else load_yaml(args.config)
+    config = explain_config() if args.demo else load_yaml(args.config)
     now = time.time()
     snapshot = snapshot_from_config(config, "file", now)
     head = RequestHead.from_pairs(args.method, args.target, args.header)

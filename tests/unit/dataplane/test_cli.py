@@ -10,16 +10,19 @@ import sys
 
 def turnout(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "dataplane.cli", *args], capture_output=True, text=True,
-                          timeout=60, check=False)
+                          timeout=90, check=False)
 
 
-def test_demo_prints_a_decision_per_request() -> None:
-    result = turnout("demo")
+def test_demo_routes_real_requests_through_the_proxy() -> None:
+    result = turnout("demo", "--once")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert any("sd-routing-key=abc123" in line and "sandbox fix-123 -> 127.0.0.1:9090" in line for line in lines)
-    assert any("agent7" in line and "mirror agent-7" in line for line in lines)
+    assert any("sd-routing-key=abc123" in line and "200" in line and "sandbox" in line and "fix-123" in line
+               for line in lines)
+    assert any("agent7" in line and "baseline" in line and "agent-7" in line for line in lines)
     assert any("turnout-session=nope" in line and "baseline" in line for line in lines)
+    assert "The mirror target received 1 copy(ies): ['POST /api/users HTTP/1.1']" in result.stdout
+    assert "turnout demo: stopped" in result.stdout
 
 
 def test_explain_with_a_config_file(tmp_path: pathlib.Path) -> None:
