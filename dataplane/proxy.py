@@ -65,7 +65,7 @@ class Downstream(asyncio.Protocol):
         self._decoder: Decoder | None = None
         self._read_pauses = 0
         self._pipeline_paused = False
-        self._write_paused = False
+        self.write_paused = False
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
@@ -143,13 +143,13 @@ class Downstream(asyncio.Protocol):
         self.state.connection_gone()
 
     def pause_writing(self) -> None:
-        self._write_paused = True
+        self.write_paused = True
         exchange = self.exchange
         if exchange is not None and exchange.upstream is not None:
             exchange.upstream.pause_reading()
 
     def resume_writing(self) -> None:
-        self._write_paused = False
+        self.write_paused = False
         exchange = self.exchange
         if exchange is not None and exchange.upstream is not None:
             exchange.upstream.resume_reading()
@@ -503,6 +503,8 @@ class Exchange(UpstreamUser):
     def _bind(self, conn: UpstreamConnection) -> None:
         self.upstream = conn
         conn.begin(self, self.plan.method, self._head_bytes)
+        if self.conn.write_paused:
+            conn.pause_reading()  # the client is still behind on an earlier response
         pending = self._pending
         self._pending = None
         if self._pending_paused:

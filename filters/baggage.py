@@ -36,6 +36,11 @@ DEFAULT_MAX_MEMBERS = 64
 DEFAULT_MAX_BYTES = 8192
 
 _OWS = " \t"
+# Occurrences of a key that are not its member (inside values, other keys, properties)
+# before the fast path hands over to the linear full parse: each miss costs a scan, and a
+# hostile header can repeat the key hundreds of times.
+_MAX_FALSE_HITS = 8
+_GIVE_UP = "\x00give-up"  # never a decoded value: NUL is not a baggage-octet
 _TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _OCTETS = r"[\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*"
 _MEMBER_RE = re.compile(
@@ -58,9 +63,22 @@ def decode_value(raw: str) -> str:
     return unquote(raw, errors="replace") if "%" in raw else raw
 
 
+def _match_member(text: str) -> re.Match[str] | None:
+    """The grammar match of one list-member, properties included; ``None`` if invalid."""
+    m = _MEMBER_RE.fullmatch(text)
+    if m is None:
+        return None
+    prop_text = m.group(3)
+    if prop_text:
+        for part in prop_text[1:].split(";"):
+            if _PROPERTY_RE.fullmatch(part) is None:
+                return None
+    return m
+
+
 def parse_member(text: str) -> BaggageMember | None:
     """Parse one list-member; ``None`` when it does not match the grammar."""
-    m = _MEMBER_RE.fullmatch(text)
+    m = _match_member(text)
     if m is None:
         return None
     key, raw_value, prop_text = m.groups()
@@ -69,8 +87,7 @@ def parse_member(text: str) -> BaggageMember | None:
         props = []
         for part in prop_text[1:].split(";"):
             pm = _PROPERTY_RE.fullmatch(part)
-            if pm is None:
-                return None
+            assert pm is not None  # checked by _match_member
             pkey, pval = pm.groups()
             props.append((pkey, None if pval is None else decode_value(pval)))
         properties = tuple(props)
@@ -142,30 +159,44 @@ class MemberExtractor:
 
     def extract(self, header: str) -> tuple[str, str] | None:
         """``(key, decoded value)`` of the first configured key present, else ``None``."""
-        if len(header) > self._max_bytes or header.count(",") >= self._max_members:
-            # Past the limits, which members count depends on the whole list.
-            values = baggage_values(header, self._max_members, self._max_bytes)
+        if len(header) <= self._max_bytes and header.count(",") < self._max_members:
             for key in self._keys:
-                if key in values:
-                    return key, values[key]
-            return None
+                value = self._last_value(header, key)
+                if value is _GIVE_UP:
+                    break
+                if value is not None:
+                    return key, value
+            else:
+                return None
+        # Past the limits (which members count depends on the whole list), or a header
+        # built to make the substring search slow: the full parse is linear.
+        values = baggage_values(header, self._max_members, self._max_bytes)
         for key in self._keys:
-            value = self._last_value(header, key)
-            if value is not None:
-                return key, value
+            if key in values:
+                return key, values[key]
         return None
 
     @staticmethod
     def _last_value(header: str, key: str) -> str | None:
-        pos = header.rfind(key)
+        if not key:
+            # No member has an empty key (a token is 1+ characters), and the backwards
+            # search below would never end: rfind("", 0, -1) finds the last position again.
+            return None
+        # Search from the end: the last valid member with this key wins.
         klen = len(key)
+        pos = header.rfind(key)
+        misses = 0
         while pos != -1:
             start = header.rfind(",", 0, pos) + 1
-            after = pos + klen
-            if not header[start:pos].strip(_OWS) and header[after:].lstrip(_OWS)[:1] == "=":
-                end = header.find(",", after)
-                member = parse_member(header[start:] if end == -1 else header[start:end])
-                if member is not None and member.key == key:
-                    return member.value
+            if start == pos or not header[start:pos].strip(_OWS):
+                end = header.find(",", pos)
+                m = _match_member(header[start:] if end == -1 else header[start:end])
+                # The token must be exactly the key: "keyx=" or "key;" is another member.
+                if m is not None and m.group(1) == key:
+                    raw = m.group(2)
+                    return unquote(raw, errors="replace") if "%" in raw else raw
+            misses += 1
+            if misses > _MAX_FALSE_HITS:
+                return _GIVE_UP
             pos = header.rfind(key, 0, pos + klen - 1)
         return None

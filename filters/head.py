@@ -21,7 +21,7 @@ class RequestHead:
     ``found_key`` is set by ``Snapshot.decide``: the routing key it found, if any.
     """
 
-    __slots__ = ("method", "target", "headers", "found_key", "_baggage")
+    __slots__ = ("method", "target", "headers", "found_key", "_baggage", "_block")
 
     def __init__(self, method: str, target: str, headers: Mapping[str, str]) -> None:
         self.method = method
@@ -29,6 +29,7 @@ class RequestHead:
         self.headers = headers
         self.found_key: FoundKey | None = None
         self._baggage: dict[str, str] | None = None
+        self._block: str | None = None
 
     @classmethod
     def from_pairs(
@@ -58,6 +59,16 @@ class RequestHead:
         target = self.target
         q = target.find("?")
         return None if q == -1 else target[q + 1 :]
+
+    def header_block(self) -> str:
+        """Every header as a ``name: value`` line, joined with ``\\n`` (built once, cached).
+
+        mirrord-style header filters search this block; values never contain a newline
+        (the data plane refuses CR and LF in values), so a line is exactly one header.
+        """
+        if self._block is None:
+            self._block = "\n".join([name + ": " + value for name, value in self.headers.items()])
+        return self._block
 
     def baggage(
         self, max_members: int = DEFAULT_MAX_MEMBERS, max_bytes: int = DEFAULT_MAX_BYTES

@@ -52,10 +52,12 @@ class MatchLimits:
     max_nodes: int = 64
 
 
-def _re2_options(case_sensitive: bool = True) -> re2.Options:
+def re2_options(case_sensitive: bool = True, never_nl: bool = False) -> re2.Options:
+    """RE2 options for rule regexes; ``never_nl`` keeps a match inside one line."""
     options = re2.Options()
     options.log_errors = False
     options.case_sensitive = case_sensitive
+    options.never_nl = never_nl
     return options
 
 
@@ -63,12 +65,16 @@ class RegexError(ValueError):
     """A pattern RE2 refuses, with a message a rule author can act on."""
 
 
-def compile_regex(pattern: str, limits: MatchLimits, case_sensitive: bool = True) -> Any:
-    """Compile an RE2 pattern within the limits, or raise ``RegexError``."""
+def compile_regex(pattern: str, limits: MatchLimits, case_sensitive: bool = True, lines: bool = False) -> Any:
+    """Compile an RE2 pattern within the limits, or raise ``RegexError``.
+
+    ``lines``: the pattern searches a block of lines; ``^``/``$`` match at line
+    boundaries and no match crosses a line.
+    """
     if len(pattern) > limits.max_regex_chars:
         raise RegexError(f"regex is longer than {limits.max_regex_chars} characters")
     try:
-        compiled = re2.compile(pattern, _re2_options(case_sensitive))
+        compiled = re2.compile(line_pattern(pattern) if lines else pattern, re2_options(case_sensitive, lines))
     except re2.error as exc:
         reason = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
         if "(?!" in pattern or "(?=" in pattern or "(?<" in pattern:
@@ -222,21 +228,26 @@ class Leaf(Matcher):
         return {"path": body}
 
 
+def line_pattern(pattern: str) -> str:
+    """A mirrord header filter as searched over ``RequestHead.header_block``."""
+    return "(?m:" + pattern + ")"
+
+
 class HeaderLines(Matcher):
-    """mirrord's header filter: an unanchored, case-insensitive regex over ``name: value``."""
+    """mirrord's header filter: an unanchored, case-insensitive regex over ``name: value`` lines.
+
+    It is searched in the request's header block (one line per header), multi-line
+    (``^`` and ``$`` at line boundaries) and never across a line.
+    """
 
     __slots__ = ("pattern", "_search")
 
     def __init__(self, pattern: str, limits: MatchLimits) -> None:
         self.pattern = pattern
-        self._search = compile_regex(pattern, limits, case_sensitive=False).search
+        self._search = compile_regex(pattern, limits, case_sensitive=False, lines=True).search
 
     def matches(self, head: RequestHead) -> bool:
-        search = self._search
-        for name, value in head.headers.items():
-            if search(name + ": " + value) is not None:
-                return True
-        return False
+        return self._search(head.header_block()) is not None
 
     def why_not(self, head: RequestHead) -> str | None:
         return None if self.matches(head) else f"no header line matches {self.pattern!r}"

@@ -32,7 +32,7 @@ import re2
 from filters.errors import Problem, ValidationError
 from filters.head import RequestHead
 from filters.keys import FoundKey, KeyConfig, KeyExtractor
-from filters.matchers import AllOf, AnyOf, HeaderLines, Leaf, Matcher, Not
+from filters.matchers import AllOf, AnyOf, HeaderLines, Leaf, Matcher, Not, line_pattern, re2_options
 from filters.model import Address, Route, RuleLimits, Session, find_conflicts
 
 
@@ -78,7 +78,7 @@ BASELINE = Decision("baseline")
 class _Entry:
     """One compiled route: its decision plus what is needed to check it per request."""
 
-    __slots__ = ("session", "route", "decision", "match", "expires_at", "rank")
+    __slots__ = ("session", "route", "decision", "match", "expires_at", "rank", "exact")
 
     def __init__(self, session: Session, route: Route) -> None:
         self.session = session
@@ -88,6 +88,9 @@ class _Entry:
         self.match = route.match
         self.expires_at = math.inf if session.expires_at is None else session.expires_at
         self.rank = (-route.priority, session.created_at, session.id)
+        # The whole match is one test the filter index evaluates with identical meaning:
+        # an index hit then needs no second evaluation.
+        self.exact = _index_is_exact(route.match)
 
 
 # --------------------------------------------------------------------------- index
@@ -124,6 +127,17 @@ def _cover(node: Matcher) -> list[Leaf | HeaderLines] | None:
     return None
 
 
+def _index_is_exact(match: Matcher | None) -> bool:
+    if isinstance(match, HeaderLines):
+        return True
+    if not isinstance(match, Leaf) or match.invert:
+        return False
+    test = match.test
+    # Case-folded tests are re-checked: RE2's case folding and str.lower() differ on a few
+    # non-ASCII characters.
+    return not test.ignore_case and (test.kind != "present" or bool(test.value))
+
+
 def _cost(cover: list[Leaf | HeaderLines]) -> int:
     return sum(_LEAF_COST.get(leaf.test.kind, _DEFAULT_LEAF_COST) if isinstance(leaf, Leaf)
                else _DEFAULT_LEAF_COST for leaf in cover)
@@ -151,8 +165,9 @@ def _set_pattern(leaf: Leaf) -> str:
 
 
 def _new_set(anchor: str) -> Any:
-    options = re2.Options()
-    options.log_errors = False
+    # Full sets: leaves over one subject. Search sets: mirrord header filters,
+    # case-insensitive, line by line over the header block.
+    options = re2_options() if anchor == "full" else re2_options(case_sensitive=False, never_nl=True)
     # RE2 sets share one DFA; give it room for a few thousand patterns.
     options.max_mem = 64 << 20
     return re2.Set.FullMatchSet(options) if anchor == "full" else re2.Set.SearchSet(options)
@@ -163,7 +178,7 @@ class _SubjectIndex:
 
     __slots__ = ("subject", "exact", "folded", "present", "patterns", "pattern_routes", "regex_set")
 
-    def __init__(self, subject: Callable[[RequestHead], str | None] | None) -> None:
+    def __init__(self, subject: Callable[[RequestHead], str | None]) -> None:
         self.subject = subject
         self.exact: dict[str, list[int]] = {}
         self.folded: dict[str, list[int]] = {}
@@ -232,7 +247,7 @@ class FilterIndex:
         # Sorted by rank: the first matching candidate in index order is the winner.
         self.entries = sorted(entries, key=lambda e: e.rank)
         subjects: dict[tuple[str, str], _SubjectIndex] = {}
-        lines = _SubjectIndex(None)  # mirrord header filters: read line by line
+        lines = _SubjectIndex(RequestHead.header_block)  # mirrord header filters
         always: set[int] = set()
         for index, entry in enumerate(self.entries):
             cover = None if entry.match is None else _cover(entry.match)
@@ -241,7 +256,7 @@ class FilterIndex:
                 continue
             for leaf in cover:
                 if isinstance(leaf, HeaderLines):
-                    lines.add_pattern("(?i:" + leaf.pattern + ")", index)
+                    lines.add_pattern(line_pattern(leaf.pattern), index)
                     continue
                 sub = subjects.get(leaf.subject_id)
                 if sub is None:
@@ -250,6 +265,8 @@ class FilterIndex:
         for sub in subjects.values():
             always.update(sub.build("full"))
         always.update(lines.build("search"))
+        for index in always:
+            self.entries[index].exact = False  # not found through the index: evaluate in full
         self._subjects = tuple(subjects.values())
         self._lines = lines if lines.regex_set is not None else None
         self._always = frozenset(always)
@@ -258,13 +275,12 @@ class FilterIndex:
         """Indexes of routes that may match: a superset of those that do."""
         out = set(self._always)
         for sub in self._subjects:
-            text = sub.subject(head)  # type: ignore[misc]
+            text = sub.subject(head)
             if text is not None:
                 sub.collect(text, out)
         lines = self._lines
         if lines is not None:
-            for name, value in head.headers.items():
-                lines.collect(name + ": " + value, out)
+            lines.collect(head.header_block(), out)
         return out
 
     def select(self, head: RequestHead, now: float) -> _Entry | None:
@@ -272,7 +288,7 @@ class FilterIndex:
         entries = self.entries
         for index in sorted(self.candidates(head)):
             entry = entries[index]
-            if now < entry.expires_at and (entry.match is None or entry.match.matches(head)):
+            if now < entry.expires_at and (entry.exact or entry.match is None or entry.match.matches(head)):
                 return entry
         return None
 
