@@ -219,7 +219,7 @@ class Downstream(asyncio.Protocol):
         buf = self._buf
         try:
             pos = skip_leading_crlf(buf, 0)
-            end = find_head_end(buf, pos, limits.max_head_bytes)
+            end = find_head_end(buf, pos, limits.max_head_bytes, "request", limits.max_request_line_bytes)
             if end == -1:
                 if pos:
                     self._buf = buf[pos:]
@@ -256,6 +256,10 @@ class Downstream(asyncio.Protocol):
                 self.local_reply(400, "cannot route to authority " + repr(authority), "bad_authority")
                 return
         assert service is not None and baseline is not None
+        if not plan.authority:
+            # HTTP/1.0 without Host: the upstream request is HTTP/1.1, which requires one.
+            plan.authority = str(baseline).encode("latin-1")
+            plan.headers.append((b"host", plan.authority))
         head = RequestHead(plan.method.decode("latin-1"), plan.target.decode("latin-1"),
                            _joined(plan.headers))
         snapshot = state.snapshot  # a request keeps the snapshot it started with
@@ -570,14 +574,14 @@ class Exchange(UpstreamUser):
     def on_response_head(self, plan: ResponsePlan) -> None:
         """Write the response head to the client, rebuilt from parsed fields."""
         state = self.state
+        conn = self.conn
+        if plan.status == 101 and not self.plan.websocket:
+            # Not started: the client gets a 502, and nothing the upstream sent after the 101.
+            self.on_upstream_error(HttpError(502, "upstream switched protocols unasked", "upstream_bad_head"), False)
+            return
         self.response_started = True
         self.status = plan.status
-        conn = self.conn
         if plan.status == 101:
-            if not self.plan.websocket:
-                self.on_upstream_error(HttpError(502, "upstream switched protocols unasked", "upstream_bad_head"),
-                                       False)
-                return
             lines = [b"HTTP/1.1 101 Switching Protocols\r\n"]
             lines.extend(n + b": " + v + b"\r\n" for n, v in plan.headers)
             lines.append(b"connection: upgrade\r\nupgrade: websocket\r\n\r\n")

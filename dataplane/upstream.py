@@ -217,7 +217,7 @@ class UpstreamConnection(asyncio.Protocol):
                     self._phase = _TUNNEL
                     self._keep_alive = False
                     user.on_response_head(plan)
-                    if rest:
+                    if rest and self._phase == _TUNNEL and self.user is user:
                         user.on_tunnel_data(rest)
                     return
                 user.on_informational(status, plan.headers)

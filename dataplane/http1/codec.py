@@ -7,6 +7,7 @@ translated into ``HttpError`` here, at the boundary.
 
 from __future__ import annotations
 
+import re
 from typing import Protocol
 
 import h11
@@ -124,6 +125,18 @@ class HttptoolsCodec:
         return ResponseHead1(parser.get_status_code(), sink.status, version, sink.headers)
 
 
+# h11 merges repeated identical Content-Length lines (and "5, 5") into one before turnout
+# sees them, where httptools refuses them; counting the raw lines makes both refuse.
+_CONTENT_LENGTH_LINE = re.compile(rb"\r\ncontent-length[ \t]*:([^\r]*)", re.IGNORECASE)
+
+
+def _one_content_length(head: bytes, status: int) -> None:
+    lengths = _CONTENT_LENGTH_LINE.findall(head)
+    if len(lengths) > 1 or (lengths and b"," in lengths[0]):
+        cause = "bad_framing" if status == 400 else "upstream_bad_framing"
+        raise HttpError(status, "more than one Content-Length", cause)
+
+
 class H11Codec:
     """Heads parsed by h11: pure Python, used with ``--http h11`` or without httptools."""
 
@@ -134,6 +147,7 @@ class H11Codec:
 
     def parse_request(self, head: bytes) -> RequestHead1:
         """Parse a request head."""
+        _one_content_length(head, 400)
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self._max)
         conn.receive_data(head)
         try:
@@ -147,6 +161,7 @@ class H11Codec:
 
     def parse_response(self, head: bytes) -> ResponseHead1:
         """Parse a response head."""
+        _one_content_length(head, 502)
         conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=self._max)
         # h11 reads a response only after a request; this one is never sent anywhere.
         conn.send(h11.Request(method=b"GET", target=b"/", headers=[(b"host", b"upstream")]))

@@ -12,6 +12,10 @@ from dataplane.errors import HttpError
 
 # Control bytes other than HTAB, CR and LF (CR and LF are checked as pairs below).
 _CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# A CR followed by anything but LF is never a line end (RFC 9112 section 2.2).
+_BARE_CR = re.compile(rb"\r[^\n]")
+# method SP request-target SP HTTP-version, single spaces, visible ASCII only (RFC 9112 section 3).
+_REQUEST_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [!-~]+ HTTP/1\.[01]")
 
 
 def skip_leading_crlf(buf: bytes | bytearray, pos: int) -> int:
@@ -21,12 +25,16 @@ def skip_leading_crlf(buf: bytes | bytearray, pos: int) -> int:
     return pos
 
 
-def find_head_end(buf: bytes | bytearray, pos: int, max_head_bytes: int, what: str = "request") -> int:
+def find_head_end(buf: bytes | bytearray, pos: int, max_head_bytes: int, what: str = "request",
+                  max_start_line_bytes: int = 0) -> int:
     """Index just past the head's blank line, or -1 when more bytes are needed.
 
     Raises ``HttpError`` for a head over ``max_head_bytes`` (431 for requests, 502 for
     responses) and for a bare LF, which would otherwise leave the head unterminated.
     """
+    if max_start_line_bytes and what == "request" and len(buf) - pos > max_start_line_bytes + 1 and (
+            buf.find(b"\r\n", pos, pos + max_start_line_bytes + 2) == -1):
+        raise HttpError(414, "request line too long", "uri_too_long")
     end = buf.find(b"\r\n\r\n", pos)
     if end != -1:
         end += 4
@@ -35,6 +43,8 @@ def find_head_end(buf: bytes | bytearray, pos: int, max_head_bytes: int, what: s
         return end
     if len(buf) - pos > max_head_bytes:
         raise _too_large(what)
+    if _BARE_CR.search(buf, pos) is not None:
+        raise HttpError(400 if what == "request" else 502, "bare CR in message head", "bad_line_ending")
     lf = buf.find(b"\n", pos)
     while lf != -1:
         if lf == pos or buf[lf - 1] != 13:
@@ -66,3 +76,5 @@ def check_head(head: bytes, max_header_count: int, max_start_line_bytes: int, wh
         raise HttpError(status, "obsolete line folding in header", "obs_fold")
     if _CONTROL.search(head) is not None:
         raise HttpError(status, "control character in message head", "control_char")
+    if what == "request" and _REQUEST_LINE.fullmatch(head, 0, first) is None:
+        raise HttpError(400, "malformed request line", "bad_request_line")

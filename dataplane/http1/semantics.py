@@ -80,6 +80,8 @@ def plan_request(head: RequestHead1) -> RequestPlan:
     if method == b"CONNECT":
         raise HttpError(405, "CONNECT is not supported", "method_not_allowed")
     absolute_authority = None
+    if b"#" in target:
+        raise _bad("fragment in request target", "bad_target")
     if target[:1] != b"/":
         if target == b"*" and method == b"OPTIONS":
             pass
@@ -109,6 +111,8 @@ def plan_request(head: RequestHead1) -> RequestPlan:
         raise _bad("more than one Host header", "bad_host")
     if hosts and _AUTHORITY.fullmatch(hosts[0]) is None:
         raise _bad("invalid Host header", "bad_host")
+    if version == b"1.1" and not hosts:
+        raise _bad("missing Host header", "bad_host")  # RFC 9112 section 3.2, absolute-form too
     if absolute_authority is not None:
         authority = absolute_authority  # RFC 9112 section 3.2.2: the target's authority wins
     elif hosts:
