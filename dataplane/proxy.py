@@ -422,6 +422,7 @@ class Exchange(UpstreamUser):
         self._upstream_paused = False
         self._pending_paused = False
         self._client_chunked = False
+        self._held_head: list[bytes] | None = None
         self._client_keep_alive = plan.keep_alive
         self._body_started = False
         self.started_at = self.state.loop_time()
@@ -609,21 +610,44 @@ class Exchange(UpstreamUser):
             lines.append(b"connection: keep-alive\r\n")
         lines.append(b"\r\n")
         self._client_keep_alive = keep_alive
-        conn.writelines(lines)
+        # Held until the first body bytes (or the end, or the end of this upstream read),
+        # so a small response leaves in one write instead of two.
+        self._held_head = lines
         conn._set_deadline(state.limits.body_idle_timeout_s)
+
+    def flush_response_head(self) -> None:
+        """Send a held response head now (the body is not here yet)."""
+        held = self._held_head
+        if held is not None:
+            self._held_head = None
+            self.conn.writelines(held)
 
     def on_response_data(self, data: bytes) -> None:
         """Stream response body bytes to the client."""
         self.bytes_out += len(data)
         self.conn._set_deadline(self.state.limits.body_idle_timeout_s)
-        if self._client_chunked:
+        held = self._held_head
+        if held is not None:
+            self._held_head = None
+            if self._client_chunked:
+                held.extend(chunk(data))
+            else:
+                held.append(data)
+            self.conn.writelines(held)
+        elif self._client_chunked:
             self.conn.writelines(chunk(data))
         else:
             self.conn.write(data)
 
     def on_response_end(self, trailers: list[tuple[bytes, bytes]]) -> None:
         """The response is complete: release the upstream and move the client on."""
-        if self._client_chunked:
+        held = self._held_head
+        if held is not None:
+            self._held_head = None
+            if self._client_chunked:
+                held.append(last_chunk(trailers))
+            self.conn.writelines(held)
+        elif self._client_chunked:
             self.conn.write(last_chunk(trailers))
         upstream = self.upstream
         self.upstream = None

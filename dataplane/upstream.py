@@ -31,6 +31,9 @@ class UpstreamUser:
     def on_response_head(self, plan: ResponsePlan) -> None:
         """The final response head arrived."""
 
+    def flush_response_head(self) -> None:
+        """Everything received so far was handed over: send what is being held."""
+
     def on_response_data(self, data: bytes) -> None:
         """Response body bytes arrived."""
 
@@ -232,6 +235,7 @@ class UpstreamConnection(asyncio.Protocol):
                 self.data_received(rest)
             elif rest:
                 self._keep_alive = False
+            user.flush_response_head()
 
     def _make_decoder(self, plan: ResponsePlan) -> Decoder:
         if plan.body == BODY_NONE:
