@@ -65,17 +65,34 @@ class _Discard(UpstreamUser):
     def __init__(self, manager: MirrorManager, conn: UpstreamConnection) -> None:
         self.manager = manager
         self.conn = conn
+        self.finished = False
+        state = manager.state
+        # A copy holds one of mirror_max_in_flight slots: never longer than a real request may wait.
+        self.timer = state.loop.call_later(state.limits.upstream_response_timeout_s, self.timed_out)
+
+    def _finish(self) -> bool:
+        if self.finished:
+            return False
+        self.finished = True
+        self.timer.cancel()
+        self.manager.done()
+        return True
 
     def on_response_head(self, plan: ResponsePlan) -> None:
         self.manager.state.metrics.mirror_sent(plan.status)
 
     def on_response_end(self, trailers: list[tuple[bytes, bytes]]) -> None:
-        self.conn.finish(reusable=True)
-        self.manager.done()
+        if self._finish():
+            self.conn.finish(reusable=True)
 
     def on_upstream_error(self, error: HttpError, response_started: bool) -> None:
-        self.manager.state.metrics.mirror_dropped(error.cause)
-        self.manager.done()
+        if self._finish():
+            self.manager.state.metrics.mirror_dropped(error.cause)
+
+    def timed_out(self) -> None:
+        if self._finish():
+            self.conn.close()
+            self.manager.state.metrics.mirror_dropped("timeout")
 
 
 class MirrorManager:

@@ -123,8 +123,12 @@ class Downstream(asyncio.Protocol):
             except HttpError as exc:
                 self._request_failed(exc)
                 return None
-        if self.phase == _WAIT or (self.phase == _TUNNEL and self.exchange is not None):
-            return True  # half-close: the response (or tunnel) still flows back
+        if self.phase == _TUNNEL and self.exchange is not None:
+            if self.exchange.upstream is not None:
+                self.exchange.upstream.write_eof()  # the client is done sending: so is the tunnel
+            return True  # the upstream's bytes still flow back
+        if self.phase == _WAIT:
+            return True  # half-close: the response still flows back
         self.close()
         return None
 
@@ -659,6 +663,11 @@ class Exchange(UpstreamUser):
         """Upgraded-connection bytes from the upstream."""
         self.conn.write(data)
         self.conn.tunnel_activity()
+
+    def on_tunnel_end(self) -> None:
+        """The upstream closed the tunnel: close the client after what it was sent."""
+        self.upstream = None
+        self._complete(False)
 
     def on_upstream_error(self, error: HttpError, response_started: bool) -> None:
         """The upstream failed: retry, fall back, answer with an error, or cut the client off."""

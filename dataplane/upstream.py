@@ -43,6 +43,9 @@ class UpstreamUser:
     def on_tunnel_data(self, data: bytes) -> None:
         """Bytes from an upgraded (WebSocket) connection."""
 
+    def on_tunnel_end(self) -> None:
+        """The upstream closed an upgraded connection in an orderly way."""
+
     def on_upstream_error(self, error: HttpError, response_started: bool) -> None:
         """The connection failed or sent something invalid."""
 
@@ -69,6 +72,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._decoder: Decoder | None = None
         self._method = b"GET"
         self._keep_alive = True
+        self._ended: list[tuple[bytes, bytes]] | None = None  # trailers of a response not yet reported
 
     # ------------------------------------------------------------------ asyncio callbacks
 
@@ -91,6 +95,7 @@ class UpstreamConnection(asyncio.Protocol):
                 return
             if rest:
                 self._keep_alive = False  # bytes after the response: never reuse
+            self._report_end()
             return
         if phase == _HEAD:
             self.got_bytes = True
@@ -104,11 +109,19 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
 
     def eof_received(self) -> bool | None:
+        if self._phase == _TUNNEL:
+            user = self.user
+            self.user = None  # an orderly end, not an error
+            if user is not None:
+                user.on_tunnel_end()
+            return None
         if self._phase == _BODY and self._decoder is not None:
             try:
                 self._decoder.eof()
             except HttpError as exc:
                 self._fail(exc)
+                return None
+            self._report_end()
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -164,6 +177,12 @@ class UpstreamConnection(asyncio.Protocol):
         """Send several buffers."""
         assert self.transport is not None
         self.transport.writelines(parts)
+
+    def write_eof(self) -> None:
+        """Half-close a tunnel: nothing more will be sent."""
+        transport = self.transport
+        if transport is not None and not transport.is_closing() and transport.can_write_eof():
+            transport.write_eof()
 
     def pause_reading(self) -> None:
         """Stop reading the response (the client is slow)."""
@@ -235,6 +254,7 @@ class UpstreamConnection(asyncio.Protocol):
                 self.data_received(rest)
             elif rest:
                 self._keep_alive = False
+            self._report_end()
             user.flush_response_head()
 
     def _make_decoder(self, plan: ResponsePlan) -> Decoder:
@@ -253,8 +273,17 @@ class UpstreamConnection(asyncio.Protocol):
             self.user.on_response_data(data)
 
     def _on_end(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        # Reported by _report_end once the caller knows whether bytes followed the response:
+        # the user hands the connection back to the pool from on_response_end.
         self._phase = _IDLE
         self._decoder = None
+        self._ended = trailers
+
+    def _report_end(self) -> None:
+        trailers = self._ended
+        if trailers is None:
+            return
+        self._ended = None
         user = self.user
         if user is not None:
             user.on_response_end(trailers)

@@ -164,7 +164,9 @@ class H11Codec:
         _one_content_length(head, 502)
         conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=self._max)
         # h11 reads a response only after a request; this one is never sent anywhere.
-        conn.send(h11.Request(method=b"GET", target=b"/", headers=[(b"host", b"upstream")]))
+        # It proposes an upgrade so that h11 accepts a 101; the proxy refuses unasked ones.
+        conn.send(h11.Request(method=b"GET", target=b"/", headers=[
+            (b"host", b"upstream"), (b"connection", b"upgrade"), (b"upgrade", b"websocket")]))
         conn.send(h11.EndOfMessage())
         conn.receive_data(head)
         try:
