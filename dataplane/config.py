@@ -130,6 +130,8 @@ def parse_config(data: Mapping[str, Any], now: float | None = None) -> ProxyConf
         else:
             admin = _address(admin_spec.get("address"), "admin.address", problems)
     listeners = _listeners(data.get("listeners"), problems)
+    if admin is not None and any(lst.address == admin for lst in listeners):
+        problems.append(Problem("admin.address", f"{admin} is also a listener's address"))
     limits = _limits(data.get("limits"), problems)
     access_log = None
     log_spec = data.get("access_log")

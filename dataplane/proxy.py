@@ -85,6 +85,7 @@ class Downstream(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if len(state.connections) >= limits.max_connections_per_worker:
             state.metrics.connection_refused()
+            self.phase = _CLOSED  # never counted as open, so close() must not count it as closed
             self.local_reply(503, "too many connections", "overloaded")
             return
         state.connections.add(self)
@@ -429,7 +430,7 @@ class Exchange(UpstreamUser):
         self._held_head: list[bytes] | None = None
         self._client_keep_alive = plan.keep_alive
         self._body_started = False
-        self.started_at = self.state.loop_time()
+        self.started_at = self.state.clock()
         self.fallback_used = False
         self._head_bytes = self._upstream_head(head)
         self.mirror: MirrorCopy | None = None

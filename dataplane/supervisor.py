@@ -61,12 +61,16 @@ class Supervisor:
     async def run(self) -> int:
         """Run until SIGTERM/SIGINT; returns the exit status."""
         loop = asyncio.get_running_loop()
-        for worker in self.workers:
-            await self._start(worker)
         admin = None
         if self.config.admin is not None:
-            admin = await asyncio.start_server(lambda r, w: serve_connection(r, w, self.admin),
-                                               self.config.admin.host, self.config.admin.port)
+            try:
+                admin = await asyncio.start_server(lambda r, w: serve_connection(r, w, self.admin),
+                                                   self.config.admin.host, self.config.admin.port)
+            except OSError as exc:
+                sys.stderr.write(f"turnout: cannot listen on the admin address {self.config.admin}: {exc.strerror}\n")
+                return 1
+        for worker in self.workers:
+            await self._start(worker)
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -87,7 +91,7 @@ class Supervisor:
             os.unlink(worker.admin_socket)
         worker.process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "dataplane.worker", "--config", self.config_path, "--http", self.codec,
-            "--index", str(worker.index), "--admin-socket", worker.admin_socket,
+            "--index", str(worker.index), "--admin-socket", worker.admin_socket, "--parent-pid", str(os.getpid()),
         )
         worker.started_at = time.monotonic()
         self._watchers.append(asyncio.get_running_loop().create_task(self._watch(worker)))
@@ -167,8 +171,12 @@ class Supervisor:
             return text_response(200 if ok else 503, ("ready\n" if ok else "not ready\n") + "\n".join(lines) + "\n")
         if path == "/metrics":
             answers = await self._ask_all("GET", "/metrics")
+            own = (b"# HELP turnout_config_reloads_total Configuration reloads by result\n"
+                   b"# TYPE turnout_config_reloads_total counter\n"
+                   + b"".join(b'turnout_config_reloads_total{result="%s",worker="supervisor"} %d.0\n'
+                              % (result.encode(), n) for result, n in self.reloads.items()))
             return (200, "text/plain; version=0.0.4; charset=utf-8",
-                    merge_expositions([a[2] for a in answers if a[0] == 200]))
+                    merge_expositions([*(a[2] for a in answers if a[0] == 200), own]))
         if path == "/config_dump":
             answers = await self._ask_all("GET", "/config_dump")
             first = next((json.loads(a[2]) for a in answers if a[0] == 200), None)

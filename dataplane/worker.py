@@ -37,6 +37,7 @@ class WorkerState:
                  worker: str = "0") -> None:
         self.loop = loop
         self.loop_time = loop.time
+        self.clock = time.perf_counter  # loop.time() on uvloop ticks in whole milliseconds
         self.wall_time = time.time
         self.worker = worker
         self.codec_name = codec_name
@@ -62,6 +63,8 @@ class WorkerState:
 
     def _apply(self, config: ProxyConfig) -> None:
         self.config = config
+        self.limits = config.limits
+        self.codec = make_codec(self.codec_name, config.limits.max_head_bytes)
         self.snapshot = config.snapshot  # one reference swap; requests keep the one they started with
         self.debug_headers = config.debug_headers
         baggage = [s for s in config.snapshot.key_config.sources if s.kind == "baggage"]
@@ -100,7 +103,7 @@ class WorkerState:
 
     def request_finished(self, exchange: Exchange) -> None:
         """Metrics and the access log for one finished request."""
-        seconds = self.loop_time() - exchange.started_at
+        seconds = self.clock() - exchange.started_at
         self.metrics.request(exchange.service, exchange.route_kind, exchange.status, seconds)
         if self.access_log is not None:
             plan = exchange.plan
@@ -213,7 +216,8 @@ def bind_listener(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def run_worker(config_path: str, codec_name: str, index: int, admin_socket: str | None) -> int:
+async def run_worker(config_path: str, codec_name: str, index: int, admin_socket: str | None,
+                     parent_pid: int = 0) -> int:
     """Serve until SIGTERM; returns the exit status."""
     loop = asyncio.get_running_loop()
     config = load_config(config_path)
@@ -233,6 +237,16 @@ async def run_worker(config_path: str, codec_name: str, index: int, admin_socket
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: state.reload(config_path))
+    parent = parent_pid or os.getppid()
+
+    def watch_parent() -> None:
+        if os.getppid() != parent:  # the supervisor died: nobody restarts or reloads us any more
+            sys.stderr.write(f"turnout worker {index}: supervisor gone, draining\n")
+            stop.set()
+        else:
+            loop.call_later(1.0, watch_parent)
+
+    loop.call_later(1.0, watch_parent)
     await stop.wait()
     await state.drain(servers)
     if admin_server is not None:
@@ -247,12 +261,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--http", default="auto", choices=["auto", "httptools", "h11"])
     parser.add_argument("--index", type=int, default=0)
     parser.add_argument("--admin-socket")
+    parser.add_argument("--parent-pid", type=int, default=0, help="exit when this process is gone")
     args = parser.parse_args(argv)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency
-        return asyncio.run(run_worker(args.config, args.http, args.index, args.admin_socket))
-    return uvloop.run(run_worker(args.config, args.http, args.index, args.admin_socket))
+        return asyncio.run(run_worker(args.config, args.http, args.index, args.admin_socket, args.parent_pid))
+    return uvloop.run(run_worker(args.config, args.http, args.index, args.admin_socket, args.parent_pid))
 
 
 if __name__ == "__main__":
