@@ -48,6 +48,9 @@ class Limits:
     upstream_idle_timeout_s: float = 60.0
     # Graceful drain on SIGTERM: Kubernetes' default grace period is 30 s; leave margin.
     drain_timeout_s: float = 20.0
+    # After an error reply, input is read and discarded this long (nginx lingering_timeout
+    # is 5 s) so the client reads the reply instead of a reset.
+    lingering_timeout_s: float = 2.0
     # --- capacity
     # nginx's usual upstream keepalive 32 idle connections per destination.
     upstream_max_idle_per_destination: int = 32

@@ -13,6 +13,7 @@ Phases of a downstream connection::
     HEAD --head parsed--> BODY --body complete--> WAIT --response complete--> HEAD
       \\                                                 (keep-alive) or close
        +--101 Switching Protocols--> TUNNEL
+    any --error reply--> LINGER (FIN sent, input discarded until EOF or lingering_timeout_s)
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
     from dataplane.mirror import MirrorCopy
     from dataplane.worker import WorkerState
 
-_HEAD, _BODY, _WAIT, _TUNNEL, _CLOSED = range(5)
+_HEAD, _BODY, _WAIT, _TUNNEL, _CLOSED, _LINGER = range(6)
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _REASONS = {
@@ -116,8 +117,12 @@ class Downstream(asyncio.Protocol):
             exchange = self.exchange
             if exchange is not None and exchange.upstream is not None:
                 exchange.upstream.write(data)
+        # _LINGER and _CLOSED: input after an error reply is discarded
 
     def eof_received(self) -> bool | None:
+        if self.phase == _LINGER:
+            self._abort()
+            return None
         if self.phase == _BODY and self._decoder is not None:
             try:
                 self._decoder.eof()
@@ -134,9 +139,9 @@ class Downstream(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.phase != _CLOSED:
-            self.phase = _CLOSED
+        if self.phase not in (_CLOSED, _LINGER):
             self.state.metrics.connection_closed()
+        self.phase = _CLOSED
         self.state.connections.discard(self)
         if self._timer is not None:
             self._timer.cancel()
@@ -215,6 +220,8 @@ class Downstream(asyncio.Protocol):
             self.exchange.timed_out()
         elif phase == _TUNNEL:
             self.close()
+        elif phase == _LINGER:
+            self._abort()
 
     # ------------------------------------------------------------------ requests
 
@@ -372,13 +379,33 @@ class Downstream(asyncio.Protocol):
         self.writelines(head)
         self.state.metrics.local_reply(status)
         if not keep_alive:
-            self.close()
+            self._linger()
+
+    def _linger(self) -> None:
+        # Closing at once would make the kernel answer bytes still in flight from the
+        # client with a reset, which can destroy the error reply before it is read.
+        if self.phase not in (_CLOSED, _LINGER):
+            self.state.metrics.connection_closed()
+        self.phase = _LINGER
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        self._set_deadline(self.state.limits.lingering_timeout_s)
+
+    def _abort(self) -> None:
+        self.phase = _CLOSED
+        if self.transport is not None:
+            self.transport.close()
 
     def close(self) -> None:
         """Close after what was written has been sent."""
-        if self.phase != _CLOSED:
-            self.phase = _CLOSED
+        if self.phase not in (_CLOSED, _LINGER):
             self.state.metrics.connection_closed()
+        self.phase = _CLOSED
         if self.transport is not None:
             self.transport.close()
 
