@@ -161,6 +161,8 @@ class MemberExtractor:
         """``(key, decoded value)`` of the first configured key present, else ``None``."""
         if len(header) <= self._max_bytes and header.count(",") < self._max_members:
             for key in self._keys:
+                if key not in header:  # the common case for aliases: one C-level scan
+                    continue
                 value = self._last_value(header, key)
                 if value is _GIVE_UP:
                     break

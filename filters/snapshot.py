@@ -307,7 +307,7 @@ class _ServiceTable:
 class Snapshot:
     """An immutable routing table for one version of the session set."""
 
-    __slots__ = ("version", "sessions", "key_config", "warnings", "_extractor", "_services")
+    __slots__ = ("version", "sessions", "key_config", "warnings", "_extractor", "_services", "_all_live_until")
 
     def __init__(self, version: str, sessions: tuple[Session, ...], key_config: KeyConfig,
                  services: dict[str, _ServiceTable], warnings: tuple[str, ...]) -> None:
@@ -317,6 +317,10 @@ class Snapshot:
         self.warnings = warnings
         self._extractor = KeyExtractor(key_config)
         self._services = services
+        # Until the earliest expiry, no route can have expired: decide() then skips reading
+        # each route's expiry, one memory access less per request on a large snapshot.
+        self._all_live_until = min((s.expires_at for s in sessions if s.expires_at is not None),
+                                   default=math.inf)
 
     @property
     def services(self) -> tuple[str, ...]:
@@ -332,7 +336,7 @@ class Snapshot:
             return BASELINE
         if found is not None:
             entry = table.keyed.get(found.value)
-            if entry is not None and now < entry.expires_at and (
+            if entry is not None and (now < self._all_live_until or now < entry.expires_at) and (
                 entry.match is None or entry.match.matches(head)
             ):
                 return entry.decision
