@@ -15,7 +15,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,11 +97,11 @@ def send(port: int, data: bytes, timeout_s: float = 5.0, close_grace_s: float | 
         return _read_until_close(s, timeout_s, close_grace_s)
 
 
-def read_response(s: socket.socket, timeout_s: float) -> bytes:
-    """Read until one complete response has arrived, the peer closes, or the timeout."""
+def _recv_until(s: socket.socket, timeout_s: float, done: Callable[[bytearray], bool]) -> bytes:
+    """Read until ``done(received)``, the peer closes, or the timeout."""
     out = bytearray()
     deadline = time.monotonic() + timeout_s
-    while not _has_response(out):
+    while not done(out):
         left = deadline - time.monotonic()
         if left <= 0:
             break
@@ -114,25 +114,16 @@ def read_response(s: socket.socket, timeout_s: float) -> bytes:
             break
         out += data
     return bytes(out)
+
+
+def read_response(s: socket.socket, timeout_s: float) -> bytes:
+    """Read until one complete response has arrived, the peer closes, or the timeout."""
+    return _recv_until(s, timeout_s, _has_response)
 
 
 def read_head(s: socket.socket, timeout_s: float) -> bytes:
     """Read until a blank line (the end of a head) shows up, the peer closes, or the timeout."""
-    out = bytearray()
-    deadline = time.monotonic() + timeout_s
-    while b"\r\n\r\n" not in out:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            break
-        s.settimeout(left)
-        try:
-            data = s.recv(65536)
-        except (TimeoutError, OSError):
-            break
-        if not data:
-            break
-        out += data
-    return bytes(out)
+    return _recv_until(s, timeout_s, lambda out: b"\r\n\r\n" in out)
 
 
 # --------------------------------------------------------------------------- upstream side
