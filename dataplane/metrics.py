@@ -1,18 +1,63 @@
 """Prometheus metrics of one worker; the admin listener merges every worker's.
 
-Label children are looked up once per label combination and cached, so the per-request
-cost is a dict lookup and an increment.
+The two per-request families (request count and latency) are plain integers per
+(service, route) on the hot path, turned into Prometheus families only when scraped: no
+lock and no label lookup per request. The rare events use prometheus_client children,
+looked up once per label combination and cached.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
 
 # Latency buckets: sub-millisecond resolution where a proxy's own overhead lives.
 _BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _STATUS_CLASS = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
+
+
+class _RouteStats:
+    """Request counts by status class and a latency histogram for one (service, route)."""
+
+    __slots__ = ("by_class", "buckets", "total_s")
+
+    def __init__(self) -> None:
+        self.by_class = [0] * 6  # index: status // 100
+        self.buckets = [0] * (len(_BUCKETS_S) + 1)  # the last one is +Inf
+        self.total_s = 0.0
+
+
+class _RequestCollector(Collector):
+    """Exposes the plain per-request counters as Prometheus families at scrape time."""
+
+    def __init__(self, worker: str, stats: dict[tuple[str, str], _RouteStats]) -> None:
+        self._worker = worker
+        self._stats = stats
+
+    def collect(self) -> Iterator[Any]:
+        requests = CounterMetricFamily("turnout_requests", "Requests proxied, by service, route kind and status class",
+                                       labels=["worker", "service", "route", "status_class"])
+        duration = HistogramMetricFamily("turnout_request_duration_seconds",
+                                         "Time from request head to the end of the response",
+                                         labels=["worker", "service", "route"])
+        for (service, route), stats in sorted(self._stats.items()):
+            for status_class, count in enumerate(stats.by_class):
+                if count:
+                    requests.add_metric([self._worker, service, route, _STATUS_CLASS.get(status_class, "5xx")],
+                                        count)
+            cumulative = 0
+            buckets = []
+            for bound, count in zip((*(str(b) for b in _BUCKETS_S), "+Inf"), stats.buckets, strict=True):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            duration.add_metric([self._worker, service, route], buckets, stats.total_s)
+        yield requests
+        yield duration
 
 
 class Metrics:
@@ -23,11 +68,8 @@ class Metrics:
         w = ["worker"]
         self._worker = worker
         r = self.registry
-        self.requests = Counter("turnout_requests", "Requests proxied, by service, route kind and status class",
-                                [*w, "service", "route", "status_class"], registry=r)
-        self.duration = Histogram("turnout_request_duration_seconds",
-                                  "Time from request head to the end of the response",
-                                  [*w, "service", "route"], buckets=_BUCKETS_S, registry=r)
+        self._stats: dict[tuple[str, str], _RouteStats] = {}
+        r.register(_RequestCollector(worker, self._stats))
         self.upstream_errors = Counter("turnout_upstream_errors", "Upstream failures by cause",
                                        [*w, "service", "route", "cause"], registry=r)
         self.downstream_errors = Counter("turnout_downstream_errors",
@@ -58,8 +100,13 @@ class Metrics:
 
     def request(self, service: str, route: str, status: int, seconds: float) -> None:
         """One proxied request finished."""
-        self._child(self.requests, service, route, _STATUS_CLASS.get(status // 100, "5xx")).inc()
-        self._child(self.duration, service, route).observe(seconds)
+        stats = self._stats.get((service, route))
+        if stats is None:
+            stats = self._stats[(service, route)] = _RouteStats()
+        klass = status // 100
+        stats.by_class[klass if 0 < klass < 6 else 5] += 1
+        stats.buckets[bisect_left(_BUCKETS_S, seconds)] += 1
+        stats.total_s += seconds
 
     def upstream_error(self, service: str, route: str, cause: str) -> None:
         """An upstream failed for one request."""

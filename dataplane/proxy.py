@@ -599,7 +599,7 @@ class Exchange(UpstreamUser):
 
     # ------------------------------------------------------------------ response side
 
-    def on_informational(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+    def on_informational(self, status: int) -> None:
         """Relay ``100 Continue`` when the client asked for it; drop other 1xx."""
         if status == 100 and self.plan.expect_continue and not self._body_started:
             self.conn.write(_CONTINUE)
@@ -616,7 +616,7 @@ class Exchange(UpstreamUser):
         self.status = plan.status
         if plan.status == 101:
             lines = [b"HTTP/1.1 101 Switching Protocols\r\n"]
-            lines.extend(n + b": " + v + b"\r\n" for n, v in plan.headers)
+            lines.extend(plan.lines)
             lines.append(b"connection: upgrade\r\nupgrade: websocket\r\n\r\n")
             conn.writelines(lines)
             conn.enter_tunnel()
@@ -624,9 +624,8 @@ class Exchange(UpstreamUser):
         # Answered before the whole body arrived (or, with Expect: 100-continue, before the
         # client decided to send it): what follows cannot be framed, so close afterwards.
         keep_alive = self._client_keep_alive and not state.draining and self.request_done
-        lines = [b"HTTP/1.1 %d %s\r\n" % (plan.status, plan.reason or _REASONS.get(plan.status, b"Unknown"))]
-        for name, value in plan.headers:
-            lines.append(name + b": " + value + b"\r\n")
+        lines = [b"HTTP/1.1 %d %s\r\n" % (plan.status, plan.reason or _REASONS.get(plan.status, b"Unknown")),
+                 *plan.lines]
         if plan.body not in (BODY_NONE, BODY_LENGTH):  # chunked or until-close upstream
             if self.plan.version == b"1.1":
                 self._client_chunked = True

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 class UpstreamUser:
     """What an upstream connection reports to the exchange using it."""
 
-    def on_informational(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+    def on_informational(self, status: int) -> None:
         """A 1xx response other than 101 arrived."""
 
     def on_response_head(self, plan: ResponsePlan) -> None:
@@ -242,7 +242,7 @@ class UpstreamConnection(asyncio.Protocol):
                     if rest and self._phase == _TUNNEL and self.user is user:
                         user.on_tunnel_data(rest)
                     return
-                user.on_informational(status, plan.headers)
+                user.on_informational(status)
                 self._buf = rest
                 continue
             self._keep_alive = plan.keep_alive

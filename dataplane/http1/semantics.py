@@ -19,9 +19,10 @@ HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te"
                         b"upgrade"})
 # A Connection header may not nominate these: removing them would change framing or routing.
 _PROTECTED = frozenset({b"content-length", b"transfer-encoding", b"host"})
+# Connection tokens that are options, not names of fields present in the message.
+_CONNECTION_OPTIONS = frozenset({b"keep-alive", b"close", b"upgrade"})
 # Rewritten by the proxy from the plan (framing) or added back only when it applies.
 _REFRAMED = frozenset({b"content-length", b"expect"})
-_DIGITS = re.compile(rb"[0-9]{1,18}")
 # host [":" port], host being a reg-name, IPv4 or [IPv6] (RFC 3986 section 3.2.2).
 _AUTHORITY = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]+)(?::[0-9]{0,5})?")
 
@@ -50,15 +51,15 @@ class RequestPlan:
 
 
 class ResponsePlan:
-    """A validated upstream response."""
+    """A validated upstream response; ``lines`` are the forwardable fields, ready to send."""
 
-    __slots__ = ("status", "reason", "headers", "body", "content_length", "keep_alive")
+    __slots__ = ("status", "reason", "lines", "body", "content_length", "keep_alive")
 
-    def __init__(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], body: int,
+    def __init__(self, status: int, reason: bytes, lines: list[bytes], body: int,
                  content_length: int, keep_alive: bool) -> None:
         self.status = status
         self.reason = reason
-        self.headers = headers
+        self.lines = lines  # b"name: value\r\n", hop-by-hop fields removed
         self.body = body
         self.content_length = content_length
         self.keep_alive = keep_alive
@@ -195,7 +196,7 @@ def _request_framing(lengths: list[bytes], codings: list[bytes], version: bytes)
     if lengths:
         if len(lengths) > 1:
             raise _bad("more than one Content-Length header", "bad_framing")
-        if _DIGITS.fullmatch(lengths[0]) is None:
+        if not (lengths[0].isdigit() and len(lengths[0]) <= 18):  # ASCII digits only, at most 18
             raise _bad("invalid Content-Length", "bad_framing")
         n = int(lengths[0])
         return (BODY_LENGTH, n) if n else (BODY_NONE, 0)
@@ -207,13 +208,19 @@ def plan_response(head: ResponseHead1, request_method: bytes) -> ResponsePlan:
     lengths: list[bytes] = []
     codings: list[bytes] = []
     connection: list[bytes] = []
+    lines = []
+    # One pass: classify and format. Fields a Connection header names are removed after
+    # it (rare: it needs a second pass).
     for name, value in head.headers:
+        if name in HOP_BY_HOP:
+            if name == b"transfer-encoding":
+                codings.append(value)
+            elif name == b"connection":
+                connection.extend(_tokens(value))
+            continue
         if name == b"content-length":
             lengths.append(value)
-        elif name == b"transfer-encoding":
-            codings.append(value)
-        elif name == b"connection":
-            connection.extend(_tokens(value))
+        lines.append(name + b": " + value + b"\r\n")
     status = head.status
     if codings and lengths:
         raise HttpError(502, "upstream sent both Content-Length and Transfer-Encoding", "upstream_bad_framing")
@@ -221,7 +228,7 @@ def plan_response(head: ResponseHead1, request_method: bytes) -> ResponsePlan:
         raise HttpError(502, "upstream sent more than one Content-Length", "upstream_bad_framing")
     if len(codings) > 1 or (codings and _tokens(codings[0]) != [b"chunked"]):
         raise HttpError(502, "upstream sent an unsupported Transfer-Encoding", "upstream_bad_framing")
-    if lengths and _DIGITS.fullmatch(lengths[0]) is None:
+    if lengths and not (lengths[0].isdigit() and len(lengths[0]) <= 18):
         raise HttpError(502, "upstream sent an invalid Content-Length", "upstream_bad_framing")
     keep_alive = b"close" not in connection if head.version == b"1.1" else b"keep-alive" in connection
     content_length = int(lengths[0]) if lengths else -1
@@ -234,6 +241,7 @@ def plan_response(head: ResponseHead1, request_method: bytes) -> ResponsePlan:
     else:
         body = BODY_UNTIL_CLOSE
         keep_alive = False
-    drop = HOP_BY_HOP.union(connection) if connection else HOP_BY_HOP
-    forward = [(n, v) for n, v in head.headers if n not in drop]
-    return ResponsePlan(status, head.reason, forward, body, content_length, keep_alive)
+    if connection and not set(connection) <= _CONNECTION_OPTIONS:
+        drop = HOP_BY_HOP.union(connection)
+        lines = [n + b": " + v + b"\r\n" for n, v in head.headers if n not in drop]
+    return ResponsePlan(status, head.reason, lines, body, content_length, keep_alive)
