@@ -14,6 +14,9 @@ from dataplane.demo import explain_config, run_demo
 from dataplane.rules import load_yaml, snapshot_from_config
 from filters import RequestHead, ValidationError
 
+DESCRIPTION = ("L7 routing data plane: sends each request to the baseline or to the sandbox of the session its "
+               "routing key (W3C baggage) belongs to.")
+
 
 def _header(text: str) -> tuple[str, str]:
     name, sep, value = text.partition(":")
@@ -22,15 +25,8 @@ def _header(text: str) -> tuple[str, str]:
     return name.strip(), value.strip()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser for every subcommand."""
-    parser = argparse.ArgumentParser(
-        prog="turnout",
-        description="L7 routing data plane: sends each request to the baseline or to the sandbox "
-        "of the session its routing key (W3C baggage) belongs to.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def add_commands(sub: Any) -> None:
+    """Add the data plane's subcommands (proxy, check-config, demo, explain) to ``sub``."""
     proxy = sub.add_parser(
         "proxy", help="run the proxy",
         description="Run the routing proxy: a supervisor, N worker processes sharing each listener port "
@@ -71,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--header", "-H", action="append", type=_header, default=[], metavar="'NAME: VALUE'",
                          help="a request header; repeat for more")
     explain.set_defaults(func=_cmd_explain)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for the data plane's commands alone (``python -m dataplane.cli``)."""
+    parser = argparse.ArgumentParser(prog="turnout", description=DESCRIPTION)
+    add_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     return parser
 
 
@@ -120,9 +122,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``turnout`` console script."""
-    args = build_parser().parse_args(argv)
+def run_command(args: argparse.Namespace) -> int:
+    """Run a parsed subcommand; an invalid configuration is reported field by field (exit 2)."""
     try:
         return int(args.func(args))
     except ValidationError as exc:
@@ -130,6 +131,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in exc.problems:
             sys.stderr.write(f"  {problem}\n")
         return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point for the data plane's commands alone."""
+    return run_command(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
