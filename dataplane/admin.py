@@ -30,7 +30,8 @@ def text_response(status: int, text: str) -> Response:
     return status, "text/plain; charset=utf-8", text.encode()
 
 
-async def serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, handler: Handler) -> None:
+async def serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, handler: Handler,
+                           max_body_bytes: int = _MAX_ADMIN_BODY_BYTES) -> None:
     """Serve admin requests on one connection until it closes."""
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024)
     try:
@@ -47,7 +48,7 @@ async def serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamW
                     request = event
                 elif isinstance(event, h11.Data):
                     body += event.data
-                    if len(body) > _MAX_ADMIN_BODY_BYTES:
+                    if len(body) > max_body_bytes:
                         raise h11.RemoteProtocolError("body too large", 413)
                 elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
                     break

@@ -7,6 +7,8 @@ comment saying where the default comes from.
 from __future__ import annotations
 
 import dataclasses
+import os
+import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -70,6 +72,24 @@ class Limits:
     mirror_max_body_bytes: int = 64 * 1024
     # Mirrored requests in flight per worker; the excess is dropped (and counted).
     mirror_max_in_flight: int = 64
+    # --- config channel (control plane)
+    # Envoy's initial_fetch_timeout is 15 s; past it the proxy serves what it has (static
+    # sessions and the state file) and says so on /ready instead of waiting for ever.
+    control_plane_initial_fetch_timeout_s: float = 10.0
+    # Reconnect backoff: Envoy's xDS retries start at 500 ms and cap at 30 s; full jitter
+    # keeps a fleet of proxies from reconnecting in lockstep after a control-plane restart.
+    control_plane_reconnect_base_s: float = 0.5
+    control_plane_reconnect_max_s: float = 30.0
+    # gRPC keepalive pings on the stream: a dead control plane is noticed within
+    # keepalive + timeout even when no push is due (gRPC servers allow 5 s and up).
+    control_plane_keepalive_s: float = 30.0
+    control_plane_keepalive_timeout_s: float = 10.0
+    # Largest push accepted: 100,000 sessions (the snapshot limit) take about 20 MB; a
+    # larger message is refused by gRPC before it is parsed, so memory stays bounded.
+    control_plane_max_message_bytes: int = 32 * 1024 * 1024
+    # Workers apply a validated push within this long, or the supervisor stops waiting
+    # (and NACKs); a worker that missed one gets the whole set when it is back.
+    control_plane_apply_timeout_s: float = 10.0
 
 
 _LIMIT_FIELDS = {f.name: f for f in dataclasses.fields(Limits)}
@@ -96,6 +116,21 @@ class AccessLog:
 
 
 @dataclass(frozen=True)
+class ControlPlane:
+    """Where sessions are pushed from, and how the proxy identifies itself."""
+
+    address: str  # host:port of the gRPC push service
+    protocol: str = "delta"  # delta (incremental) | sotw (state of the world)
+    token_file: str | None = None  # bearer token; re-read at every connect, so it can rotate
+    tls: bool = False
+    ca_file: str | None = None  # TLS roots; the system's when absent
+    server_name: str | None = None  # TLS name to verify, when it differs from the address
+    node_id: str = ""  # empty: $TURNOUT_NODE_ID, else <hostname>:<first listener port>
+    cluster: str = ""  # empty: $TURNOUT_CLUSTER
+    state_path: str | None = ""  # "": the default path; None: no state file
+
+
+@dataclass(frozen=True)
 class ProxyConfig:
     """The whole validated bootstrap configuration."""
 
@@ -105,10 +140,37 @@ class ProxyConfig:
     snapshot: Snapshot
     debug_headers: bool = False
     access_log: AccessLog | None = None
+    control_plane: ControlPlane | None = None
     source: Mapping[str, Any] = field(default_factory=dict)
 
+    def node_id(self) -> str:
+        """The id this proxy gives the control plane (stable across restarts)."""
+        cp = self.control_plane
+        if cp is not None and cp.node_id:
+            return cp.node_id
+        env = os.environ.get("TURNOUT_NODE_ID")
+        if env:
+            return env
+        port = self.listeners[0].address.port if self.listeners else 0
+        return f"{socket.gethostname()}:{port}"
 
-TOP_FIELDS = frozenset({"admin", "routing", "listeners", "sessions", "limits", "access_log"})
+    def state_path(self) -> str | None:
+        """Where the last good push is kept, or None when it is not kept."""
+        cp = self.control_plane
+        if cp is None or cp.state_path is None:
+            return None
+        if cp.state_path:
+            return cp.state_path
+        safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in self.node_id())
+        return os.path.join(DEFAULT_STATE_DIR, safe + ".state.json")
+
+
+# A Kubernetes manifest mounts an emptyDir here, so a restarted container keeps its sessions.
+DEFAULT_STATE_DIR = "/var/lib/turnout"
+
+
+TOP_FIELDS = frozenset({"admin", "routing", "listeners", "sessions", "limits", "access_log", "control_plane"})
+CONTROL_PLANE_FIELDS = frozenset({"address", "protocol", "token_file", "tls", "node_id", "cluster", "state_path"})
 LISTENER_FIELDS = frozenset({"name", "address", "mode", "service", "baseline", "authorities"})
 
 
@@ -153,6 +215,7 @@ def parse_config(data: Mapping[str, Any], now: float | None = None) -> ProxyConf
         if not isinstance(debug_headers, bool):
             problems.append(Problem("routing.debug_headers", "must be true or false"))
             debug_headers = False
+    control_plane = _control_plane(data.get("control_plane"), problems)
     snapshot = None
     try:
         snapshot = snapshot_from_config(data, version="bootstrap", now=time.time() if now is None else now)
@@ -160,7 +223,7 @@ def parse_config(data: Mapping[str, Any], now: float | None = None) -> ProxyConf
         problems.extend(exc.problems)
     if problems or snapshot is None:
         raise ConfigError(problems)
-    return ProxyConfig(admin, listeners, limits, snapshot, debug_headers, access_log, data)
+    return ProxyConfig(admin, listeners, limits, snapshot, debug_headers, access_log, control_plane, data)
 
 
 def _address(value: Any, where: str, problems: list[Problem]) -> Address | None:
@@ -169,6 +232,50 @@ def _address(value: Any, where: str, problems: list[Problem]) -> Address | None:
     except ValueError as exc:
         problems.append(Problem(where, str(exc)))
         return None
+
+
+def _control_plane(spec: Any, problems: list[Problem]) -> ControlPlane | None:
+    if spec is None:
+        return None
+    where = "control_plane"
+    if not isinstance(spec, Mapping):
+        problems.append(Problem(where, "must be a mapping with at least 'address'"))
+        return None
+    before = len(problems)
+    unknown = set(spec) - CONTROL_PLANE_FIELDS
+    if unknown:
+        problems.append(Problem(where, "unknown field(s): " + ", ".join(sorted(map(str, unknown)))))
+    address = spec.get("address")
+    _address(address, where + ".address", problems)
+    protocol = spec.get("protocol", "delta")
+    if protocol not in ("delta", "sotw"):
+        problems.append(Problem(where + ".protocol", "must be delta (incremental) or sotw (state of the world)"))
+    strings: dict[str, str | None] = {}
+    for name in ("token_file", "node_id", "cluster"):
+        value = spec.get(name)
+        if value is not None and (not isinstance(value, str) or not value):
+            problems.append(Problem(f"{where}.{name}", "must be a non-empty string"))
+        strings[name] = value
+    state_path = spec.get("state_path", "")
+    if state_path is not None and not isinstance(state_path, str):
+        problems.append(Problem(where + ".state_path", "must be a file path, or null to keep no state file"))
+    tls = spec.get("tls", False)
+    ca_file = server_name = None
+    if isinstance(tls, Mapping):
+        extra = set(tls) - {"ca_file", "server_name"}
+        if extra:
+            problems.append(Problem(where + ".tls", "unknown field(s): " + ", ".join(sorted(map(str, extra)))))
+        ca_file, server_name = tls.get("ca_file"), tls.get("server_name")
+        for name, value in (("ca_file", ca_file), ("server_name", server_name)):
+            if value is not None and (not isinstance(value, str) or not value):
+                problems.append(Problem(f"{where}.tls.{name}", "must be a non-empty string"))
+        tls = True
+    elif not isinstance(tls, bool):
+        problems.append(Problem(where + ".tls", "must be true, false or {ca_file, server_name}"))
+    if len(problems) != before:
+        return None
+    return ControlPlane(str(address), str(protocol), strings["token_file"], bool(tls), ca_file, server_name,
+                        strings["node_id"] or "", strings["cluster"] or "", state_path)
 
 
 def _listeners(spec: Any, problems: list[Problem]) -> tuple[Listener, ...]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ from filters import (
     KeyConfig,
     Problem,
     RuleLimits,
+    Session,
     Snapshot,
     ValidationError,
     compile_snapshot,
@@ -76,3 +77,19 @@ def snapshot_from_config(config: Mapping[str, Any], version: str, now: float | N
     if problems:
         raise ConfigError(problems)
     return compile_snapshot(sessions, version, key_config, limits)
+
+
+def compose_snapshot(base: Snapshot, pushed: Iterable[Session], version: str) -> Snapshot:
+    """The bootstrap file's sessions plus the control plane's, compiled as one snapshot.
+
+    Raises ``ValidationError`` (and builds nothing) when they conflict, e.g. a pushed
+    session claiming a (key, service) that a static one holds.
+    """
+    return compile_snapshot((*base.sessions, *pushed), version, base.key_config, rule_limits(base))
+
+
+def rule_limits(snapshot: Snapshot) -> RuleLimits:
+    """The rule limits a snapshot's sessions were validated with."""
+    key_config = snapshot.key_config
+    return RuleLimits(baggage_max_members=key_config.baggage_max_members,
+                      baggage_max_bytes=key_config.baggage_max_bytes)

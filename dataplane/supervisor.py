@@ -21,9 +21,12 @@ from dataclasses import dataclass, field
 from urllib.parse import quote
 
 from dataplane.admin import Response, fetch_unix, json_response, serve_connection, text_response
+from dataplane.channel import ConfigChannel, Update
 from dataplane.config import ProxyConfig, load_config
 from dataplane.metrics import merge_expositions
-from dataplane.rules import ConfigError
+from dataplane.rules import compose_snapshot
+from dataplane.statefile import PushedState
+from filters import Session, ValidationError
 
 # A worker that dies within this long of starting is crash-looping: back off before the
 # next start (doubling up to the cap) instead of spinning.
@@ -42,6 +45,21 @@ class WorkerProcess:
     restarts: int = 0
     backoff_s: float = 0.0
     history: list[int] = field(default_factory=list)
+    pushed_version: str | None = None  # the pushed-session version it confirmed last; None: unknown
+    ready: bool = False  # answered /ready since it last started: pushed sessions can be sent
+
+
+def _change_body(state: PushedState, from_version: str | None, upserted: tuple[Session, ...],
+                 removed: tuple[str, ...]) -> bytes:
+    """A worker's ``POST /sessions`` body: a change from ``from_version`` (None: the whole set)."""
+    return json.dumps({
+        "version": state.version,
+        "from_version": from_version,
+        "control_plane_id": state.control_plane_id,
+        "upsert": [s.to_dict() for s in upserted],
+        "versions": {s.id: state.sessions[s.id][1] for s in upserted},
+        "remove": list(removed),
+    }, separators=(",", ":")).encode()
 
 
 class Supervisor:
@@ -57,6 +75,10 @@ class Supervisor:
         self.workers = [WorkerProcess(i, os.path.join(self._runtime, f"worker-{i}.sock")) for i in range(workers)]
         self._stop = asyncio.Event()
         self._watchers: list[asyncio.Task[None]] = []
+        self.channel: ConfigChannel | None = None
+        if config.control_plane is not None:
+            self.channel = ConfigChannel(config, self._distribute)
+            self.channel.load_persisted()
 
     async def run(self) -> int:
         """Run until SIGTERM/SIGINT; returns the exit status."""
@@ -71,6 +93,10 @@ class Supervisor:
                 return 1
         for worker in self.workers:
             await self._start(worker)
+        channel_task = None
+        if self.channel is not None:
+            channel_task = loop.create_task(self.channel.run())
+            self._watchers.append(loop.create_task(self.channel.wait_initial()))
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -80,6 +106,10 @@ class Supervisor:
                              + (f"; admin on {self.config.admin}" if self.config.admin else "") + "\n")
         await self._stop.wait()
         self.stopping = True
+        if channel_task is not None:
+            channel_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await channel_task
         await self._shutdown()
         if admin is not None:
             admin.close()
@@ -94,7 +124,12 @@ class Supervisor:
             "--index", str(worker.index), "--admin-socket", worker.admin_socket, "--parent-pid", str(os.getpid()),
         )
         worker.started_at = time.monotonic()
-        self._watchers.append(asyncio.get_running_loop().create_task(self._watch(worker)))
+        worker.pushed_version = None
+        worker.ready = False
+        loop = asyncio.get_running_loop()
+        self._watchers.append(loop.create_task(self._watch(worker)))
+        if self.channel is not None:
+            self._watchers.append(loop.create_task(self._sync_when_ready(worker)))
 
     async def _watch(self, worker: WorkerProcess) -> None:
         process = worker.process
@@ -112,6 +147,47 @@ class Supervisor:
         if not self.stopping:
             await self._start(worker)
 
+    # ------------------------------------------------------------------ pushed sessions
+
+    async def _distribute(self, update: Update) -> None:
+        """Hand a validated push to every worker (the channel ACKs when this returns)."""
+        state = update.state
+        change = _change_body(state, update.previous_version, update.upserted, update.removed)
+        await asyncio.gather(*(self._send_change(w, change) for w in self.workers))
+
+    async def _send_change(self, worker: WorkerProcess, change: bytes) -> None:
+        assert self.channel is not None
+        state = self.channel.state
+        if not worker.ready or worker.process is None or worker.process.returncode is not None:
+            return  # a (re)starting worker is synced when it is ready
+        timeout_s = self.config.limits.control_plane_apply_timeout_s
+        answer = await self._ask(worker, "POST", "/sessions", change, timeout_s)
+        if answer[0] == 409:
+            # The worker is on another version (restarted, or missed one): send the whole set.
+            whole = _change_body(state, None, tuple(s for s, _ in state.sessions.values()), ())
+            answer = await self._ask(worker, "POST", "/sessions", whole, timeout_s)
+        if answer[0] == 200:
+            worker.pushed_version = state.version
+        else:
+            worker.pushed_version = None
+            sys.stderr.write(f"turnout: worker {worker.index} did not apply sessions version {state.version}: "
+                             f"{answer[2].decode(errors='replace').strip()}\n")
+
+    async def _sync_when_ready(self, worker: WorkerProcess) -> None:
+        # A (re)started worker loaded the state file; a no-op change from the current version
+        # checks that it has it, and the 409 path sends the whole set when it does not.
+        deadline = time.monotonic() + 30.0
+        while time.monotonic() < deadline and not self.stopping:
+            if (await self._ask(worker, "GET", "/ready"))[0] == 200:
+                worker.ready = True
+                break
+            await asyncio.sleep(0.05)
+        channel = self.channel
+        if channel is None or self.stopping or not channel.state.version:
+            return
+        state = channel.state
+        await self._send_change(worker, _change_body(state, state.version, (), ()))
+
     async def _wait_ready(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and not self._stop.is_set():
@@ -120,9 +196,10 @@ class Supervisor:
             await asyncio.sleep(0.05)
         return False
 
-    async def _ask(self, worker: WorkerProcess, method: str, target: str, body: bytes = b"") -> Response:
+    async def _ask(self, worker: WorkerProcess, method: str, target: str, body: bytes = b"",
+                   timeout_s: float = 5.0) -> Response:
         try:
-            return await fetch_unix(worker.admin_socket, method, target, body)
+            return await fetch_unix(worker.admin_socket, method, target, body, timeout_s)
         except (OSError, TimeoutError) as exc:
             return 503, "text/plain", f"worker {worker.index} unreachable: {exc}\n".encode()
 
@@ -132,11 +209,17 @@ class Supervisor:
     def reload(self) -> None:
         """SIGHUP: validate the file; only a valid one is handed to the workers."""
         try:
-            self.config = load_config(self.config_path)
-        except ConfigError as exc:
+            config = load_config(self.config_path)
+            if self.channel is not None and self.channel.state.sessions:
+                state = self.channel.state
+                compose_snapshot(config.snapshot, state.session_list(), state.version)
+        except ValidationError as exc:
             self.reloads["invalid"] += 1
             sys.stderr.write(f"turnout: reload refused, workers keep the running config:\n  {exc}\n")
             return
+        self.config = config
+        if self.channel is not None:
+            self.channel.config = config
         self.reloads["ok"] += 1
         for worker in self.workers:
             if worker.process is not None and worker.process.returncode is None:
@@ -168,6 +251,13 @@ class Supervisor:
             answers = await self._ask_all("GET", "/ready")
             lines = [f"worker {w.index}: {a[2].decode().strip()}" for w, a in zip(self.workers, answers, strict=True)]
             ok = all(a[0] == 200 for a in answers)
+            if self.channel is not None:
+                # Ready once the first push is applied, or the initial-fetch timeout passed:
+                # a control plane that is down must not take every proxy out of service.
+                initial = self.channel.status.initial_fetch
+                ok = ok and initial != "pending"
+                lines.append(self.channel.status.summary() + ("" if initial != "pending" else
+                                                              " (waiting for the initial fetch)"))
             return text_response(200 if ok else 503, ("ready\n" if ok else "not ready\n") + "\n".join(lines) + "\n")
         if path == "/metrics":
             answers = await self._ask_all("GET", "/metrics")
@@ -175,6 +265,8 @@ class Supervisor:
                    b"# TYPE turnout_config_reloads_total counter\n"
                    + b"".join(b'turnout_config_reloads_total{result="%s",worker="supervisor"} %d.0\n'
                               % (result.encode(), n) for result, n in self.reloads.items()))
+            if self.channel is not None:
+                own += self.channel.exposition()
             return (200, "text/plain; version=0.0.4; charset=utf-8",
                     merge_expositions([*(a[2] for a in answers if a[0] == 200), own]))
         if path == "/config_dump":
@@ -182,11 +274,12 @@ class Supervisor:
             first = next((json.loads(a[2]) for a in answers if a[0] == 200), None)
             workers = [
                 {"index": w.index, "pid": None if w.process is None else w.process.pid, "restarts": w.restarts,
-                 "up": a[0] == 200}
+                 "up": a[0] == 200, "pushed_version": w.pushed_version}
                 for w, a in zip(self.workers, answers, strict=True)
             ]
-            return json_response(200 if first else 503, {"config": first, "workers": workers,
-                                                           "reloads": self.reloads, "codec": self.codec})
+            return json_response(200 if first else 503, {
+                "config": first, "workers": workers, "reloads": self.reloads, "codec": self.codec,
+                "control_plane": None if self.channel is None else self.channel.status.to_dict()})
         if path == "/explain":
             target = path + ("?" + "&".join(f"{quote(k)}={quote(v, safe='')}" for k, vs in query.items()
                                             for v in vs) if query else "")

@@ -25,16 +25,17 @@ from dataplane.http1.codec import make_codec
 from dataplane.metrics import Metrics
 from dataplane.mirror import MirrorManager
 from dataplane.proxy import Downstream, Exchange
-from dataplane.rules import ConfigError
+from dataplane.rules import compose_snapshot, rule_limits
+from dataplane.statefile import PushedState, load_state
 from dataplane.upstream import Pool
-from filters import RequestHead, Snapshot
+from filters import RequestHead, Snapshot, ValidationError, parse_session
 
 
 class WorkerState:
     """Everything a worker's connections share: one explicit object, no module globals."""
 
     def __init__(self, config: ProxyConfig, codec_name: str, loop: asyncio.AbstractEventLoop,
-                 worker: str = "0") -> None:
+                 worker: str = "0", pushed: PushedState | None = None) -> None:
         self.loop = loop
         self.loop_time = loop.time
         self.clock = time.perf_counter  # loop.time() on uvloop ticks in whole milliseconds
@@ -46,6 +47,9 @@ class WorkerState:
         self.codec = make_codec(codec_name, config.limits.max_head_bytes)
         self.metrics = Metrics(worker)
         self.snapshot: Snapshot = config.snapshot
+        # Sessions from the control plane (via the supervisor), kept apart from the bootstrap
+        # file's so either can change without losing the other.
+        self.pushed = pushed or PushedState()
         self.debug_headers = config.debug_headers
         self.propagate_member = b"turnout-session"
         self.pool = Pool(self)
@@ -61,22 +65,31 @@ class WorkerState:
         self._apply(config)
         self._tick()
 
-    def _apply(self, config: ProxyConfig) -> None:
+    def _apply(self, config: ProxyConfig, snapshot: Snapshot | None = None) -> None:
+        if snapshot is None:
+            snapshot = self._compose(config, self.pushed)
         self.config = config
         self.limits = config.limits
         self.codec = make_codec(self.codec_name, config.limits.max_head_bytes)
-        self.snapshot = config.snapshot  # one reference swap; requests keep the one they started with
+        self.snapshot = snapshot  # one reference swap; requests keep the one they started with
         self.debug_headers = config.debug_headers
         baggage = [s for s in config.snapshot.key_config.sources if s.kind == "baggage"]
         self.propagate_member = (baggage[0].names[0] if baggage else "turnout-session").encode()
         self.loaded_at = time.time()
-        self.metrics.snapshot_loaded(config.snapshot.version, len(config.snapshot.sessions))
+        self.metrics.snapshot_loaded(snapshot.version, len(snapshot.sessions))
+
+    @staticmethod
+    def _compose(config: ProxyConfig, pushed: PushedState) -> Snapshot:
+        if not pushed.sessions and not pushed.version:
+            return config.snapshot
+        return compose_snapshot(config.snapshot, pushed.session_list(), pushed.version or config.snapshot.version)
 
     def reload(self, path: str) -> bool:
         """Load the config file again; keep the current one if the new one is invalid."""
         try:
             config = load_config(path)
-        except ConfigError as exc:
+            snapshot = self._compose(config, self.pushed)
+        except ValidationError as exc:
             self.metrics.reload("invalid")
             sys.stderr.write(f"turnout worker {self.worker}: reload refused, keeping the old config: {exc}\n")
             return False
@@ -84,7 +97,7 @@ class WorkerState:
             (lst.name, lst.address) for lst in self.config.listeners
         ]:
             sys.stderr.write(f"turnout worker {self.worker}: listener changes need a restart; applying the rest\n")
-        self._apply(config)
+        self._apply(config, snapshot)
         self.metrics.reload("ok")
         return True
 
@@ -149,12 +162,47 @@ class WorkerState:
             return json_response(200, self.config_dump())
         if path == "/explain":
             return self.explain(query, body)
+        if path == "/sessions" and method == "POST":
+            return self.apply_pushed(body)
         if path == "/reload" and method == "POST":
             ok = self.reload(body.decode() or self.config_path)
             return text_response(200 if ok else 400, "reloaded\n" if ok else "reload refused\n")
         return text_response(404, "unknown admin path\n")
 
     config_path = ""
+
+    def apply_pushed(self, body: bytes) -> Response:
+        """``POST /sessions`` from the supervisor: a validated change of the pushed sessions.
+
+        Body: ``{"version", "from_version", "upsert": [session...], "remove": [id...]}``;
+        ``from_version`` null replaces the whole set. A change based on another version than
+        this worker's is refused with 409, and the supervisor sends the whole set instead.
+        """
+        try:
+            change = json.loads(body)
+            version = str(change["version"])
+            base = change.get("from_version")
+            limits = rule_limits(self.config.snapshot)
+            upserts = [parse_session(spec, "upsert", limits) for spec in change.get("upsert", [])]
+            removed = [str(sid) for sid in change.get("remove", [])]
+        except (ValueError, KeyError, TypeError, ValidationError) as exc:
+            return text_response(400, f"invalid session change: {exc}\n")
+        if base is not None and str(base) != self.pushed.version:
+            return json_response(409, {"version": self.pushed.version})
+        sessions = {} if base is None else dict(self.pushed.sessions)
+        versions = change.get("versions") or {}
+        for session in upserts:
+            sessions[session.id] = (session, str(versions.get(session.id, version)))
+        for sid in removed:
+            sessions.pop(sid, None)
+        pushed = PushedState(version, sessions, str(change.get("control_plane_id", "")))
+        try:
+            snapshot = self._compose(self.config, pushed)
+        except ValidationError as exc:
+            return text_response(400, f"refused: {exc}\n")
+        self.pushed = pushed
+        self._apply(self.config, snapshot)
+        return json_response(200, {"version": version, "sessions": len(sessions)})
 
     def config_dump(self) -> dict[str, Any]:
         """Config, snapshot and runtime state as JSON."""
@@ -173,6 +221,7 @@ class WorkerState:
             ],
             "limits": {k: getattr(config.limits, k) for k in config.limits.__dataclass_fields__},
             "debug_headers": config.debug_headers,
+            "pushed_version": self.pushed.version,
             "snapshot": self.snapshot.to_dict(),
             "connections": len(self.connections),
             "upstream_pool": self.pool.stats(),
@@ -204,6 +253,22 @@ class WorkerState:
         return json_response(200, self.snapshot.explain(str(service), head, time.time()))
 
 
+def _persisted(config: ProxyConfig) -> PushedState | None:
+    # The supervisor validated the file before writing it; one that no longer fits the
+    # bootstrap file (edited since) is ignored here as it is there.
+    path = config.state_path()
+    if path is None:
+        return None
+    pushed, _ = load_state(path, rule_limits(config.snapshot))
+    if pushed is None:
+        return None
+    try:
+        WorkerState._compose(config, pushed)
+    except ValidationError:
+        return None
+    return pushed
+
+
 def bind_listener(host: str, port: int) -> socket.socket:
     """A listening TCP socket with SO_REUSEPORT, so every worker can bind the same port."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -221,7 +286,7 @@ async def run_worker(config_path: str, codec_name: str, index: int, admin_socket
     """Serve until SIGTERM; returns the exit status."""
     loop = asyncio.get_running_loop()
     config = load_config(config_path)
-    state = WorkerState(config, codec_name, loop, str(index))
+    state = WorkerState(config, codec_name, loop, str(index), _persisted(config))
     state.config_path = config_path
     servers: list[asyncio.AbstractServer] = []
     for listener in config.listeners:
@@ -231,7 +296,9 @@ async def run_worker(config_path: str, codec_name: str, index: int, admin_socket
     admin_server = None
     if admin_socket:
         admin_server = await asyncio.start_unix_server(
-            lambda r, w: serve_connection(r, w, state.admin), path=admin_socket)
+            # The supervisor sends whole pushed session sets here: JSON, a few times the protobuf size.
+            lambda r, w: serve_connection(r, w, state.admin, 4 * config.limits.control_plane_max_message_bytes),
+            path=admin_socket)
     state.ready = True
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)

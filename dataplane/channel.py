@@ -1,0 +1,376 @@
+"""The config channel's client: one gRPC stream from the proxy (its supervisor) to the
+control plane, sessions in, ACK or NACK out.
+
+For every response: validate each session with ``filters`` and the whole set together
+with the bootstrap file's static sessions (exactly what the workers will compile), keep it
+on disk, hand it to the workers, then ACK. Anything invalid is NACKed with the reason and
+nothing of it is applied: the previous set stays whole. When the stream fails, the last
+good set keeps serving and the client reconnects with jittered exponential backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+import grpc
+
+from dataplane.config import ProxyConfig
+from dataplane.rules import compose_snapshot, rule_limits
+from dataplane.statefile import PushedState, load_state, save_state
+from filters import Problem, Session, ValidationError
+from turnout.v1 import config_pb2, config_pb2_grpc
+from turnout.v1.convert import session_from_proto
+
+# gRPC INVALID_ARGUMENT: the code a NACK carries for a push the proxy refused.
+_INVALID_ARGUMENT = 3
+# A NACK's message names every problem; this many are plenty to act on.
+_NACK_PROBLEMS = 20
+
+
+@dataclass(frozen=True)
+class Update:
+    """A validated change of the pushed session set, as the workers apply it."""
+
+    state: PushedState  # the whole new set
+    previous_version: str  # the version it replaces
+    upserted: tuple[Session, ...]  # added or changed since previous_version
+    removed: tuple[str, ...]  # session ids gone since previous_version
+
+
+def diff(old: PushedState, new: PushedState) -> tuple[tuple[Session, ...], tuple[str, ...]]:
+    """Sessions added or changed (by version) and ids removed from ``old`` to ``new``."""
+    upserted = tuple(session for sid, (session, version) in sorted(new.sessions.items())
+                     if sid not in old.sessions or old.sessions[sid][1] != version)
+    removed = tuple(sorted(sid for sid in old.sessions if sid not in new.sessions))
+    return upserted, removed
+
+
+class ChannelStatus:
+    """What ``/ready``, ``/config_dump`` and the metrics say about the config channel."""
+
+    def __init__(self, address: str, protocol: str, node_id: str) -> None:
+        self.address = address
+        self.protocol = protocol
+        self.node_id = node_id
+        self.state = "connecting"  # connecting | connected | disconnected
+        self.state_since = time.time()
+        self.initial_fetch = "pending"  # pending | done | timed_out
+        self.version = ""
+        self.control_plane_id = ""
+        self.sessions = 0
+        self.last_update_at: float | None = None
+        self.last_error = ""
+        self.last_nack: dict[str, Any] | None = None
+        self.acks = 0
+        self.nacks = 0
+        self.stream_failures = 0
+        self.state_file = ""
+        self.state_file_error = ""
+
+    def set_state(self, state: str) -> None:
+        """Move to ``state`` (connecting, connected or disconnected)."""
+        if state != self.state:
+            self.state = state
+            self.state_since = time.time()
+
+    def summary(self) -> str:
+        """One line for ``/ready``."""
+        if self.state == "connected":
+            text = f"connected to {self.address}"
+        else:
+            text = f"{self.state} ({self.address}" + (f": {self.last_error}" if self.last_error else "") + ")"
+        served = f"version {self.version}, {self.sessions} pushed session(s)" if self.version else "no pushed sessions"
+        if self.initial_fetch == "timed_out" and not self.version:
+            served += ": initial fetch timed out, serving static sessions only"
+        elif self.state != "connected" and self.version:
+            served += ": last good set"
+        return f"control plane: {text}; {served}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form for ``/config_dump``."""
+        return {key: getattr(self, key) for key in (
+            "address", "protocol", "node_id", "state", "state_since", "initial_fetch", "version",
+            "control_plane_id", "sessions", "last_update_at", "last_error", "last_nack", "acks", "nacks",
+            "stream_failures", "state_file", "state_file_error")}
+
+
+class ConfigChannel:
+    """Keeps one stream to the control plane open and applies what it pushes."""
+
+    def __init__(self, config: ProxyConfig, apply: Callable[[Update], Awaitable[None]],
+                 log: Callable[[str], None] | None = None) -> None:
+        assert config.control_plane is not None
+        self.config = config
+        self.settings = config.control_plane
+        self.limits = config.limits
+        self._apply = apply
+        self._log = log or (lambda line: sys.stderr.write("turnout: " + line + "\n"))
+        self.status = ChannelStatus(self.settings.address, self.settings.protocol, config.node_id())
+        self.state_path = config.state_path()
+        self.status.state_file = self.state_path or ""
+        self.state = PushedState()
+        self.initial_done = asyncio.Event()
+        self._last_logged_error = ""
+
+    def load_persisted(self) -> PushedState:
+        """The last good set from the state file (empty when there is none)."""
+        if self.state_path is None:
+            return self.state
+        state, why = load_state(self.state_path, rule_limits(self.config.snapshot))
+        if state is None:
+            if "not a valid" in why or "cannot read" in why:
+                self.status.state_file_error = why
+                self._log("state file: " + why)
+            return self.state
+        try:
+            compose_snapshot(self.config.snapshot, state.session_list(), state.version)
+        except ValidationError as exc:
+            self.status.state_file_error = f"conflicts with the bootstrap file: {exc}"
+            self._log("state file ignored: " + self.status.state_file_error)
+            return self.state
+        self.state = state
+        self.status.version = state.version
+        self.status.control_plane_id = state.control_plane_id
+        self.status.sessions = len(state.sessions)
+        return state
+
+    def node(self) -> config_pb2.Node:
+        """Who this proxy is and which services it fronts."""
+        listeners = self.config.listeners
+        try:
+            build = metadata.version("turnout")
+        except metadata.PackageNotFoundError:
+            build = "dev"
+        return config_pb2.Node(
+            id=self.status.node_id,
+            cluster=self.settings.cluster or os.environ.get("TURNOUT_CLUSTER", ""),
+            services=sorted({lst.service for lst in listeners if lst.mode == "inbound" and lst.service}),
+            all_services=any(lst.mode == "outbound" for lst in listeners),
+            build_version=build,
+        )
+
+    # ------------------------------------------------------------------ the loop
+
+    async def run(self) -> None:
+        """Connect, stream, reconnect with backoff; runs until cancelled."""
+        attempt = 0
+        while True:
+            got_response = False
+            try:
+                got_response = await self._stream()
+                self._failed("the control plane ended the stream")
+            except grpc.aio.AioRpcError as exc:
+                got_response = got_response or self.status.state == "connected"
+                self._failed(_rpc_error(exc))
+            except OSError as exc:
+                self._failed(f"cannot read the token file: {exc.strerror}")
+            if got_response:
+                attempt = 0
+            # Full jitter (AWS architecture blog): uniform in [0, min(max, base * 2^n)].
+            ceiling = min(self.limits.control_plane_reconnect_max_s,
+                          self.limits.control_plane_reconnect_base_s * (2 ** min(attempt, 30)))
+            attempt += 1
+            await asyncio.sleep(random.uniform(0, ceiling))
+
+    def _failed(self, reason: str) -> None:
+        self.status.stream_failures += 1
+        self.status.last_error = reason
+        self.status.set_state("disconnected")
+        if reason != self._last_logged_error:
+            self._last_logged_error = reason
+            served = f"version {self.status.version}" if self.status.version else "static sessions only"
+            self._log(f"control plane {self.settings.address}: {reason}; serving {served}, reconnecting")
+
+    def _channel(self) -> grpc.aio.Channel:
+        limits = self.limits
+        options: list[tuple[str, int | str]] = [
+            ("grpc.max_receive_message_length", limits.control_plane_max_message_bytes),
+            ("grpc.keepalive_time_ms", int(limits.control_plane_keepalive_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(limits.control_plane_keepalive_timeout_s * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+            # Our own backoff decides when to retry; gRPC's reconnect must not add its own.
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+        ]
+        settings = self.settings
+        if not settings.tls:
+            return grpc.aio.insecure_channel(settings.address, options=options)
+        roots = None
+        if settings.ca_file:
+            with open(settings.ca_file, "rb") as f:
+                roots = f.read()
+        if settings.server_name:
+            options.append(("grpc.ssl_target_name_override", settings.server_name))
+        return grpc.aio.secure_channel(settings.address, grpc.ssl_channel_credentials(roots), options=options)
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        token_file = self.settings.token_file
+        if token_file is None:
+            return ()
+        with open(token_file, encoding="utf-8") as f:
+            token = f.read().strip()
+        return (("authorization", "Bearer " + token),)
+
+    async def _stream(self) -> bool:
+        """One stream until it fails; True when at least one response arrived."""
+        self.status.set_state("connecting")
+        metadata_ = self._metadata()
+        delta = self.settings.protocol == "delta"
+        got = False
+        async with self._channel() as channel:
+            stub = config_pb2_grpc.SessionDiscoveryStub(channel)  # type: ignore[no-untyped-call]
+            call: Any = (stub.DeltaSessions if delta else stub.StreamSessions)(metadata=metadata_)
+            node = self.node()
+            if delta:
+                first: Any = config_pb2.DeltaDiscoveryRequest(
+                    node=node, initial_resource_versions=self.state.resource_versions())
+            else:
+                first = config_pb2.DiscoveryRequest(node=node, version_info=self.state.version)
+            await call.write(first)
+            while True:
+                response = await call.read()
+                if response is grpc.aio.EOF:
+                    return got
+                if not got:
+                    got = True
+                    self.status.set_state("connected")
+                    self.status.last_error = ""
+                    if self._last_logged_error:
+                        self._log(f"control plane {self.settings.address}: connected")
+                    self._last_logged_error = ""
+                error = await self._handle(response, delta)
+                if delta:
+                    answer: Any = config_pb2.DeltaDiscoveryRequest(response_nonce=response.nonce)
+                else:
+                    answer = config_pb2.DiscoveryRequest(response_nonce=response.nonce, version_info=self.state.version)
+                if error is not None:
+                    answer.error_detail.code = _INVALID_ARGUMENT
+                    answer.error_detail.message = error
+                await call.write(answer)
+
+    async def _handle(self, response: Any, delta: bool) -> str | None:
+        """Validate and apply one response; returns None (ACK) or the reason to NACK."""
+        status = self.status
+        version = response.system_version_info if delta else response.version_info
+        try:
+            new = self._next_state(response, delta, version)
+            compose_snapshot(self.config.snapshot, new.session_list(), version)
+        except ValidationError as exc:
+            problems = [str(p) for p in exc.problems] or [str(exc)]
+            reason = "; ".join(problems[:_NACK_PROBLEMS]) + (
+                f"; and {len(problems) - _NACK_PROBLEMS} more" if len(problems) > _NACK_PROBLEMS else "")
+            status.nacks += 1
+            status.last_nack = {"version": version, "nonce": response.nonce, "message": reason, "at": time.time()}
+            self._log(f"control plane push {version} refused (NACK), keeping version {self.state.version or '-'}: "
+                      + reason)
+            self._initial_fetch_done()
+            return reason
+        if self.state_path is not None:
+            try:
+                save_state(self.state_path, new)
+                status.state_file_error = ""
+            except OSError as exc:
+                status.state_file_error = f"cannot write {self.state_path}: {exc.strerror}"
+                self._log("state file: " + status.state_file_error)
+        upserted, removed = diff(self.state, new)
+        previous = self.state.version
+        self.state = new
+        await self._apply(Update(new, previous, upserted, removed))
+        status.acks += 1
+        status.version = version
+        status.control_plane_id = new.control_plane_id
+        status.sessions = len(new.sessions)
+        status.last_update_at = time.time()
+        status.last_nack = None
+        self._initial_fetch_done()
+        return None
+
+    def _next_state(self, response: Any, delta: bool, version: str) -> PushedState:
+        limits = rule_limits(self.config.snapshot)
+        sessions = dict(self.state.sessions) if delta else {}
+        problems: list[Problem] = []
+        for resource in response.resources:
+            try:
+                session = session_from_proto(resource.session, limits)
+            except ValidationError as exc:
+                problems.extend(exc.problems)
+                continue
+            if session.id != resource.name:
+                problems.append(Problem(f"resource {resource.name}", f"holds session {session.id!r}"))
+                continue
+            sessions[session.id] = (session, resource.version)
+        if problems:
+            raise ValidationError(problems)
+        if delta:
+            for name in response.removed_resources:
+                sessions.pop(name, None)
+        return PushedState(version, sessions, response.control_plane_id)
+
+    def exposition(self) -> bytes:
+        """The channel's Prometheus samples (merged into the supervisor's ``/metrics``)."""
+        status = self.status
+        label = 'worker="supervisor"'
+        version = status.version.replace("\\", "\\\\").replace('"', '\\"')
+        lines = [
+            "# HELP turnout_control_plane_connected Whether the config stream to the control plane is up",
+            "# TYPE turnout_control_plane_connected gauge",
+            f"turnout_control_plane_connected{{{label}}} {1.0 if status.state == 'connected' else 0.0}",
+            "# HELP turnout_control_plane_updates_total Pushes from the control plane, by answer",
+            "# TYPE turnout_control_plane_updates_total counter",
+            f'turnout_control_plane_updates_total{{{label},result="ack"}} {float(status.acks)}',
+            f'turnout_control_plane_updates_total{{{label},result="nack"}} {float(status.nacks)}',
+            "# HELP turnout_control_plane_stream_failures_total Config streams that failed or could not open",
+            "# TYPE turnout_control_plane_stream_failures_total counter",
+            f"turnout_control_plane_stream_failures_total{{{label}}} {float(status.stream_failures)}",
+            "# HELP turnout_control_plane_last_update_timestamp_seconds When the last push was applied",
+            "# TYPE turnout_control_plane_last_update_timestamp_seconds gauge",
+            f"turnout_control_plane_last_update_timestamp_seconds{{{label}}} {status.last_update_at or 0.0}",
+            "# HELP turnout_control_plane_initial_fetch_timed_out 1 when the proxy started serving without a push",
+            "# TYPE turnout_control_plane_initial_fetch_timed_out gauge",
+            f"turnout_control_plane_initial_fetch_timed_out{{{label}}} "
+            f"{1.0 if status.initial_fetch == 'timed_out' else 0.0}",
+            "# HELP turnout_control_plane_sessions Sessions pushed by the control plane and in use",
+            "# TYPE turnout_control_plane_sessions gauge",
+            f"turnout_control_plane_sessions{{{label}}} {float(status.sessions)}",
+            "# HELP turnout_control_plane_version_info The pushed version in use (value is always 1)",
+            "# TYPE turnout_control_plane_version_info gauge",
+            f'turnout_control_plane_version_info{{{label},version="{version}"}} 1.0',
+        ]
+        return ("\n".join(lines) + "\n").encode()
+
+    def _initial_fetch_done(self) -> None:
+        if self.status.initial_fetch == "pending":
+            self.status.initial_fetch = "done"
+        self.initial_done.set()
+
+    async def wait_initial(self) -> None:
+        """Wait for the first push, up to the initial-fetch timeout; then serve what there is."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.initial_done.wait(), self.limits.control_plane_initial_fetch_timeout_s)
+        if not self.initial_done.is_set():
+            self.status.initial_fetch = "timed_out"
+            served = f"version {self.state.version} from the state file" if self.state.version else \
+                "static sessions only"
+            self._log(f"control plane {self.settings.address}: no push within "
+                      f"{self.limits.control_plane_initial_fetch_timeout_s:g} s; serving {served}")
+            self.initial_done.set()
+
+
+def _rpc_error(exc: grpc.aio.AioRpcError) -> str:
+    code = exc.code()
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return "credentials refused (UNAUTHENTICATED): check control_plane.token_file"
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return ("push larger than limits.control_plane_max_message_bytes refused (RESOURCE_EXHAUSTED): "
+                + (exc.details() or ""))
+    return f"{code.name}: {exc.details() or ''}".strip()
