@@ -102,14 +102,16 @@ class MirrorManager:
         self.state = state
         self.in_flight = 0
 
-    def start(self, decision: Decision, plan: RequestPlan, head_lines: list[bytes]) -> MirrorCopy | None:
-        """A copy for a mirror decision, or None when too many are in flight."""
+    def start(self, decision: Decision, plan: RequestPlan, block: bytes) -> MirrorCopy | None:
+        """A copy for a mirror decision, or None when too many are in flight.
+
+        ``block`` is the forwarded request line and fields, without framing or the blank line.
+        """
         if self.in_flight >= self.state.limits.mirror_max_in_flight:
             self.state.metrics.mirror_dropped("too_many_in_flight")
             return None
         assert decision.destination is not None and decision.session_id is not None
-        head = b"".join([plan.method, b" ", plan.target, b" HTTP/1.1\r\n", *head_lines,
-                         b"x-turnout-mirror: ", decision.session_id.encode(), b"\r\n"])
+        head = block + b"x-turnout-mirror: " + decision.session_id.encode() + b"\r\n"
         return MirrorCopy(self, decision.destination, decision.session_id, plan.method, head)
 
     def send(self, copy: MirrorCopy) -> None:

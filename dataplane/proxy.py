@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from http import HTTPStatus
 from typing import TYPE_CHECKING, cast
 
 from dataplane.errors import HttpError
@@ -31,6 +32,7 @@ from dataplane.http1.semantics import (
     BODY_NONE,
     RequestPlan,
     ResponsePlan,
+    field_lines,
     plan_request,
 )
 from dataplane.upstream import UpstreamConnection, UpstreamUser
@@ -44,6 +46,12 @@ if TYPE_CHECKING:
 _HEAD, _BODY, _WAIT, _TUNNEL, _CLOSED, _LINGER = range(6)
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# Status lines by (status, reason) for the registered codes and their usual phrases.
+_STATUS_LINES = {(s.value, s.phrase.encode()): b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode())
+                 for s in HTTPStatus}
+# A response's first body bytes up to this size are copied after its head, so both leave in
+# one buffer; larger ones are written beside it.
+_COPY_MAX_BYTES = 16 * 1024
 _REASONS = {
     400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed", 408: b"Request Timeout",
     413: b"Content Too Large", 414: b"URI Too Long", 417: b"Expectation Failed",
@@ -106,11 +114,13 @@ class Downstream(asyncio.Protocol):
             if rest:
                 self._buffer(rest)
         elif phase == _HEAD:
-            if self._idle:
-                self._idle = False
-                self._set_deadline(self.state.limits.header_read_timeout_s)
+            first_bytes = self._idle
+            self._idle = False
             self._buf = self._buf + data if self._buf else data
             self._read_heads()
+            if first_bytes and self.phase == _HEAD and not self._idle:
+                # The head is not complete: it must be, header_read_timeout_s after its first byte.
+                self._set_deadline(self.state.limits.header_read_timeout_s)
         elif phase == _WAIT:
             self._buffer(data)
         elif phase == _TUNNEL:
@@ -272,11 +282,13 @@ class Downstream(asyncio.Protocol):
             # HTTP/1.0 without Host: the upstream request is HTTP/1.1, which requires one.
             plan.authority = str(baseline).encode("latin-1")
             plan.headers.append((b"host", plan.authority))
+        by_name = dict(plan.headers)
+        fields = by_name if len(by_name) == len(plan.headers) else None  # None: a name repeats
         head = RequestHead(plan.method.decode("latin-1"), plan.target.decode("latin-1"),
-                           _joined(plan.headers))
+                           _joined(plan.headers, fields))
         snapshot = state.snapshot  # a request keeps the snapshot it started with
         decision = snapshot.decide(service, head, state.wall_time())
-        exchange = Exchange(self, plan, service, decision, baseline, head)
+        exchange = Exchange(self, plan, service, decision, baseline, head, fields)
         self.exchange = exchange
         self._idle = False
         if plan.body == BODY_NONE:
@@ -415,7 +427,12 @@ class Downstream(asyncio.Protocol):
             self.close()
 
 
-def _joined(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
+def _joined(headers: list[tuple[bytes, bytes]], fields: dict[bytes, bytes] | None) -> dict[str, str]:
+    """The routing view of the fields: ``str`` names and values, repeated names joined."""
+    if fields:
+        # Names and values never contain LF (scan.check_head): decode each side in one go.
+        names = b"\n".join(fields).decode("latin-1").split("\n")
+        return dict(zip(names, b"\n".join(fields.values()).decode("latin-1").split("\n"), strict=True))
     out: dict[str, str] = {}
     for raw_name, raw_value in headers:
         name = raw_name.decode("latin-1")
@@ -431,45 +448,62 @@ def _joined(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
 class Exchange(UpstreamUser):
     """One request and its response, from the routing decision to the last byte."""
 
+    # Per-request state that starts the same for every request: class defaults, so an
+    # exchange writes only what differs.
+    upstream: UpstreamConnection | None = None
+    request_done = False
+    response_started = False
+    finished = False
+    status = 0
+    bytes_out = 0
+    retried = False
+    fallback_used = False
+    mirror: MirrorCopy | None = None
+    _pending: list[bytes] | None = None  # body bytes held while connecting
+    _trailers: list[tuple[bytes, bytes]] | None = None
+    _upstream_paused = False
+    _pending_paused = False
+    _client_chunked = False
+    _held_head: bytes | None = None
+    _body_started = False
+
     def __init__(self, conn: Downstream, plan: RequestPlan, service: str, decision: Decision,
-                 baseline: Address, head: RequestHead) -> None:
+                 baseline: Address, head: RequestHead, fields: dict[bytes, bytes] | None) -> None:
         self.conn = conn
-        self.state = conn.state
+        self.state = state = conn.state
         self.plan = plan
         self.service = service
         self.decision = decision
         self.baseline = baseline
-        self.route_kind = "sandbox" if decision.kind == "sandbox" else decision.kind
+        kind = self.route_kind = decision.kind
         self.destination: Address = (
-            decision.destination if decision.kind == "sandbox" and decision.destination else baseline)
-        self.upstream: UpstreamConnection | None = None
-        self.request_done = False
-        self.response_started = False
-        self.finished = False
-        self.status = 0
-        self.bytes_out = 0
-        self.retried = False
-        self._pending: list[bytes] | None = []
-        self._trailers: list[tuple[bytes, bytes]] = []
-        self._upstream_paused = False
-        self._pending_paused = False
-        self._client_chunked = False
-        self._held_head: list[bytes] | None = None
+            decision.destination if kind == "sandbox" and decision.destination else baseline)
         self._client_keep_alive = plan.keep_alive
-        self._body_started = False
-        self.started_at = self.state.clock()
-        self.fallback_used = False
-        self._head_bytes = self._upstream_head(head)
-        self.mirror: MirrorCopy | None = None
-        if decision.kind == "mirror":
-            self.mirror = self.state.mirrors.start(decision, plan, self._head_lines)
+        self.started_at = state.clock()
+        block = self._upstream_block(head, fields)
+        if plan.body == BODY_NONE:
+            self._head_bytes = block + b"\r\n"
+        elif plan.body == BODY_LENGTH:
+            self._head_bytes = block + b"content-length: %d\r\n\r\n" % plan.content_length
+        else:
+            self._head_bytes = block + b"transfer-encoding: chunked\r\n\r\n"
+        if kind == "mirror":
+            self.mirror = state.mirrors.start(decision, plan, block)
             if self.mirror is not None and plan.body == BODY_NONE:
                 self.mirror.end()
 
     # ------------------------------------------------------------------ request side
 
-    def _upstream_head(self, head: RequestHead) -> bytes:
+    def _upstream_block(self, head: RequestHead, fields: dict[bytes, bytes] | None) -> bytes:
+        """Request line and forwarded fields, without framing fields or the blank line."""
         plan = self.plan
+        found = head.found_key
+        if (fields is not None and b"x-forwarded-for" not in fields
+                and (found is None or not found.source.propagate)):
+            # The usual request: every field as parsed, then the proxy's own.
+            return b"".join((plan.method, b" ", plan.target, b" HTTP/1.1\r\n", field_lines(plan.headers),
+                             b"x-forwarded-for: ", self.conn.peer,
+                             b"\r\n" if b"x-forwarded-proto" in fields else b"\r\nx-forwarded-proto: http\r\n"))
         lines: list[bytes] = []
         xff = None
         proto = False
@@ -483,7 +517,6 @@ class Exchange(UpstreamUser):
             elif name == b"baggage":
                 baggage_index = len(lines)
             lines.append(name + b": " + value + b"\r\n")
-        found = head.found_key
         if found is not None and found.source.propagate:
             member = self.state.propagate_member + b"=" + found.value.encode("latin-1", "replace")
             if baggage_index == -1:
@@ -494,13 +527,7 @@ class Exchange(UpstreamUser):
                      + b"\r\n")
         if not proto:
             lines.append(b"x-forwarded-proto: http\r\n")
-        self._head_lines = lines
-        framing = b""
-        if plan.body == BODY_LENGTH:
-            framing = b"content-length: %d\r\n" % plan.content_length
-        elif plan.body == BODY_CHUNKED:
-            framing = b"transfer-encoding: chunked\r\n"
-        return b"".join([plan.method, b" ", plan.target, b" HTTP/1.1\r\n", *lines, framing, b"\r\n"])
+        return b"".join([plan.method, b" ", plan.target, b" HTTP/1.1\r\n", *lines])
 
     def begin(self) -> None:
         """Send the request to a pooled connection, or start connecting."""
@@ -508,6 +535,8 @@ class Exchange(UpstreamUser):
         if conn is not None:
             self._bind(conn)
         else:
+            if self._pending is None:
+                self._pending = []
             self.state.spawn(self._connect())
 
     async def _connect(self) -> None:
@@ -543,19 +572,20 @@ class Exchange(UpstreamUser):
         if self.conn.write_paused:
             conn.pause_reading()  # the client is still behind on an earlier response
         pending = self._pending
+        if pending is None:
+            return  # a pooled connection at once: nothing was held
         self._pending = None
         if self._pending_paused:
             self._pending_paused = False
             self.conn.resume_reading()
         chunked = self.plan.body == BODY_CHUNKED
-        if pending:
-            for data in pending:
-                if chunked:
-                    conn.writelines(chunk(data))
-                else:
-                    conn.write(data)
+        for data in pending:
+            if chunked:
+                conn.writelines(chunk(data))
+            else:
+                conn.write(data)
         if self.request_done and chunked:
-            conn.write(last_chunk(self._trailers))
+            conn.write(last_chunk(self._trailers or []))
 
     def on_request_data(self, data: bytes) -> None:
         """Request body bytes from the client."""
@@ -608,42 +638,44 @@ class Exchange(UpstreamUser):
         """Write the response head to the client, rebuilt from parsed fields."""
         state = self.state
         conn = self.conn
-        if plan.status == 101 and not self.plan.websocket:
+        status = plan.status
+        if status == 101 and not self.plan.websocket:
             # Not started: the client gets a 502, and nothing the upstream sent after the 101.
             self.on_upstream_error(HttpError(502, "upstream switched protocols unasked", "upstream_bad_head"), False)
             return
         self.response_started = True
-        self.status = plan.status
-        if plan.status == 101:
-            lines = [b"HTTP/1.1 101 Switching Protocols\r\n"]
-            lines.extend(plan.lines)
-            lines.append(b"connection: upgrade\r\nupgrade: websocket\r\n\r\n")
-            conn.writelines(lines)
+        self.status = status
+        if status == 101:
+            conn.write(b"HTTP/1.1 101 Switching Protocols\r\n" + plan.fields
+                       + b"connection: upgrade\r\nupgrade: websocket\r\n\r\n")
             conn.enter_tunnel()
             return
         # Answered before the whole body arrived (or, with Expect: 100-continue, before the
         # client decided to send it): what follows cannot be framed, so close afterwards.
         keep_alive = self._client_keep_alive and not state.draining and self.request_done
-        lines = [b"HTTP/1.1 %d %s\r\n" % (plan.status, plan.reason or _REASONS.get(plan.status, b"Unknown")),
-                 *plan.lines]
-        if plan.body not in (BODY_NONE, BODY_LENGTH):  # chunked or until-close upstream
+        status_line = _STATUS_LINES.get((status, plan.reason))
+        if status_line is None:
+            status_line = b"HTTP/1.1 %d %s\r\n" % (status, plan.reason or _REASONS.get(status, b"Unknown"))
+        head = status_line + plan.fields
+        if plan.body > BODY_LENGTH:  # chunked or until-close upstream
             if self.plan.version == b"1.1":
                 self._client_chunked = True
-                lines.append(b"transfer-encoding: chunked\r\n")
+                head += b"transfer-encoding: chunked\r\n"
             else:
                 keep_alive = False  # HTTP/1.0 client: the body ends when the connection does
         if state.debug_headers:
             route = b"baseline" if self.route_kind == "baseline" else self.decision.session_id.encode()  # type: ignore[union-attr]
-            lines.append(b"x-turnout-route: " + route + b"\r\n")
+            head += b"x-turnout-route: " + route + b"\r\n"
         if not keep_alive:
-            lines.append(b"connection: close\r\n")
+            head += b"connection: close\r\n\r\n"
         elif self.plan.version == b"1.0":
-            lines.append(b"connection: keep-alive\r\n")
-        lines.append(b"\r\n")
+            head += b"connection: keep-alive\r\n\r\n"
+        else:
+            head += b"\r\n"
         self._client_keep_alive = keep_alive
         # Held until the first body bytes (or the end, or the end of this upstream read),
         # so a small response leaves in one write instead of two.
-        self._held_head = lines
+        self._held_head = head
         conn._set_deadline(state.limits.body_idle_timeout_s)
 
     def flush_response_head(self) -> None:
@@ -651,21 +683,24 @@ class Exchange(UpstreamUser):
         held = self._held_head
         if held is not None:
             self._held_head = None
-            self.conn.writelines(held)
+            self.conn.write(held)
 
     def on_response_data(self, data: bytes) -> None:
         """Stream response body bytes to the client."""
         self.bytes_out += len(data)
-        self.conn._set_deadline(self.state.limits.body_idle_timeout_s)
         held = self._held_head
         if held is not None:
+            # The head arrived in this same upstream read, which set the body deadline.
             self._held_head = None
             if self._client_chunked:
-                held.extend(chunk(data))
+                self.conn.writelines((held, *chunk(data)))
+            elif len(data) <= _COPY_MAX_BYTES:
+                self.conn.write(held + data)
             else:
-                held.append(data)
-            self.conn.writelines(held)
-        elif self._client_chunked:
+                self.conn.writelines((held, data))
+            return
+        self.conn._set_deadline(self.state.limits.body_idle_timeout_s)
+        if self._client_chunked:
             self.conn.writelines(chunk(data))
         else:
             self.conn.write(data)
@@ -675,9 +710,7 @@ class Exchange(UpstreamUser):
         held = self._held_head
         if held is not None:
             self._held_head = None
-            if self._client_chunked:
-                held.append(last_chunk(trailers))
-            self.conn.writelines(held)
+            self.conn.write(held + last_chunk(trailers) if self._client_chunked else held)
         elif self._client_chunked:
             self.conn.write(last_chunk(trailers))
         upstream = self.upstream

@@ -54,6 +54,7 @@ class UpstreamUser:
 
 
 _IDLE, _HEAD, _BODY, _TUNNEL, _CLOSED = range(5)
+_NO_TRAILERS: list[tuple[bytes, bytes]] = []  # never changed: passed to users only to read
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -62,6 +63,7 @@ class UpstreamConnection(asyncio.Protocol):
     def __init__(self, pool: Pool, address: Address) -> None:
         self.pool = pool
         self.address = address
+        self.key = (address.host, address.port)  # the pool's key: hashed in C, unlike Address
         self.transport: asyncio.Transport | None = None
         self.user: UpstreamUser | None = None
         self.reused = False  # served an earlier exchange: may have been closed by the peer
@@ -245,6 +247,11 @@ class UpstreamConnection(asyncio.Protocol):
                 user.on_informational(status)
                 self._buf = rest
                 continue
+            body = plan.body
+            length = plan.content_length if body == BODY_LENGTH else 0
+            if body <= BODY_LENGTH and len(rest) >= length:
+                self._whole_response(user, plan, rest, length)
+                return
             self._keep_alive = plan.keep_alive
             self._phase = _BODY
             self._decoder = self._make_decoder(plan)
@@ -256,6 +263,18 @@ class UpstreamConnection(asyncio.Protocol):
                 self._keep_alive = False
             self._report_end()
             user.flush_response_head()
+
+    def _whole_response(self, user: UpstreamUser, plan: ResponsePlan, rest: bytes, length: int) -> None:
+        # The usual small response: head and the whole body in one read. The same calls a
+        # ContentLengthDecoder would make, without one.
+        self._keep_alive = plan.keep_alive and len(rest) == length  # bytes after it: never reuse
+        self._phase = _BODY
+        user.on_response_head(plan)
+        if length and self.user is not None:
+            self.user.on_response_data(rest if len(rest) == length else rest[:length])
+        self._phase = _IDLE
+        if self.user is not None:
+            self.user.on_response_end(_NO_TRAILERS)
 
     def _make_decoder(self, plan: ResponsePlan) -> Decoder:
         if plan.body == BODY_NONE:
@@ -301,12 +320,12 @@ class Pool:
 
     def __init__(self, state: WorkerState) -> None:
         self.state = state
-        self._idle: dict[Address, list[UpstreamConnection]] = {}
+        self._idle: dict[tuple[str, int], list[UpstreamConnection]] = {}
         self._all: set[UpstreamConnection] = set()
 
     def acquire(self, address: Address) -> UpstreamConnection | None:
         """An idle open connection to ``address``, most recently used first, or None."""
-        idle = self._idle.get(address)
+        idle = self._idle.get((address.host, address.port))
         while idle:
             conn = idle.pop()
             if conn.open:
@@ -331,7 +350,9 @@ class Pool:
 
     def release(self, conn: UpstreamConnection) -> None:
         """Keep an idle connection for reuse, within the per-destination cap."""
-        idle = self._idle.setdefault(conn.address, [])
+        idle = self._idle.get(conn.key)
+        if idle is None:
+            idle = self._idle[conn.key] = []
         if len(idle) >= self.state.limits.upstream_max_idle_per_destination:
             conn.close()
             return
@@ -341,19 +362,19 @@ class Pool:
     def forget(self, conn: UpstreamConnection) -> None:
         """Drop a closed connection from the books."""
         self._all.discard(conn)
-        idle = self._idle.get(conn.address)
+        idle = self._idle.get(conn.key)
         if idle and conn in idle:
             idle.remove(conn)
 
     def sweep(self, now: float) -> None:
         """Close connections idle for longer than the upstream idle timeout."""
         limit = now - self.state.limits.upstream_idle_timeout_s
-        for address, idle in list(self._idle.items()):
+        for key, idle in list(self._idle.items()):
             stale = [c for c in idle if c.idle_since < limit]
             for conn in stale:
                 conn.close()
-            if not self._idle.get(address):
-                self._idle.pop(address, None)
+            if not self._idle.get(key):
+                self._idle.pop(key, None)
 
     def close_all(self) -> None:
         """Close every connection (shutdown)."""

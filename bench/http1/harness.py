@@ -157,7 +157,7 @@ class Harness:
         self.clients: list[tuple[Downstream, FakeTransport]] = []
         for i in range(connections):
             down = Downstream(self.state, listener)
-            transport = FakeTransport(("10.0.0.%d" % (i % 250 + 1), 40000 + i))
+            transport = FakeTransport((f"10.0.0.{i % 250 + 1}", 40000 + i))
             down.connection_made(transport)  # type: ignore[arg-type]
             self.clients.append((down, transport))
         # The upstream whose transport was written to last: the one to answer.

@@ -23,6 +23,10 @@ _PROTECTED = frozenset({b"content-length", b"transfer-encoding", b"host"})
 _CONNECTION_OPTIONS = frozenset({b"keep-alive", b"close", b"upgrade"})
 # Rewritten by the proxy from the plan (framing) or added back only when it applies.
 _REFRAMED = frozenset({b"content-length", b"expect"})
+_NOT_FORWARDED = HOP_BY_HOP | _REFRAMED
+_FRAMING_OR_HOP = HOP_BY_HOP | {b"content-length"}
+# Request fields that send a head through the field-by-field classification.
+_RARE_IN_REQUESTS = frozenset({b"transfer-encoding", b"upgrade", b"expect"})
 # host [":" port], host being a reg-name, IPv4 or [IPv6] (RFC 3986 section 3.2.2).
 _AUTHORITY = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]+)(?::[0-9]{0,5})?")
 
@@ -51,15 +55,15 @@ class RequestPlan:
 
 
 class ResponsePlan:
-    """A validated upstream response; ``lines`` are the forwardable fields, ready to send."""
+    """A validated upstream response; ``fields`` are the forwardable field lines, ready to send."""
 
-    __slots__ = ("status", "reason", "lines", "body", "content_length", "keep_alive")
+    __slots__ = ("status", "reason", "fields", "body", "content_length", "keep_alive")
 
-    def __init__(self, status: int, reason: bytes, lines: list[bytes], body: int,
+    def __init__(self, status: int, reason: bytes, fields: bytes, body: int,
                  content_length: int, keep_alive: bool) -> None:
         self.status = status
         self.reason = reason
-        self.lines = lines  # b"name: value\r\n", hop-by-hop fields removed
+        self.fields = fields  # b"name: value\r\n" for each, hop-by-hop fields removed
         self.body = body
         self.content_length = content_length
         self.keep_alive = keep_alive
@@ -88,26 +92,38 @@ def plan_request(head: RequestHead1) -> RequestPlan:
             pass
         else:
             absolute_authority, target = _absolute_form(target)
-    hosts: list[bytes] = []
-    lengths: list[bytes] = []
+    headers = head.headers
+    fields = dict(headers)
     codings: list[bytes] = []
-    connection: list[bytes] = []
     upgrade = expect = None
-    for name, value in head.headers:
-        if name == b"host":
-            hosts.append(value)
-        elif name == b"content-length":
-            lengths.append(value)
-        elif name == b"transfer-encoding":
-            codings.append(value)
-        elif name == b"connection":
-            connection.extend(_tokens(value))
-        elif name == b"upgrade":
-            upgrade = value
-        elif name == b"expect":
-            if expect is not None:
-                raise _bad("repeated Expect header")
-            expect = value
+    if len(fields) == len(headers) and fields.keys().isdisjoint(_RARE_IN_REQUESTS):
+        # The common case, no name repeated and no upgrade or chunked body: a few lookups
+        # instead of comparing every name.
+        host = fields.get(b"host")
+        hosts = [] if host is None else [host]
+        length = fields.get(b"content-length")
+        lengths = [] if length is None else [length]
+        tokens = fields.get(b"connection")
+        connection = [] if tokens is None else _tokens(tokens)
+    else:
+        hosts = []
+        lengths = []
+        connection = []
+        for name, value in headers:
+            if name == b"host":
+                hosts.append(value)
+            elif name == b"content-length":
+                lengths.append(value)
+            elif name == b"transfer-encoding":
+                codings.append(value)
+            elif name == b"connection":
+                connection.extend(_tokens(value))
+            elif name == b"upgrade":
+                upgrade = value
+            elif name == b"expect":
+                if expect is not None:
+                    raise _bad("repeated Expect header")
+                expect = value
     if len(hosts) > 1:
         raise _bad("more than one Host header", "bad_host")
     if hosts and _AUTHORITY.fullmatch(hosts[0]) is None:
@@ -127,7 +143,7 @@ def plan_request(head: RequestHead1) -> RequestPlan:
     for token in connection:
         if token in _PROTECTED:
             raise _bad("Connection header names " + token.decode("latin-1"), "bad_connection")
-    body, content_length = _request_framing(lengths, codings, version)
+    body, content_length = _request_framing(lengths, codings, version) if lengths or codings else (BODY_NONE, 0)
     expect_continue = False
     if expect is not None:
         if expect.strip(b" \t").lower() != b"100-continue":
@@ -141,12 +157,12 @@ def plan_request(head: RequestHead1) -> RequestPlan:
         and b"websocket" in _tokens(upgrade)
     )
     keep_alive = b"close" not in connection if version == b"1.1" else b"keep-alive" in connection
-    drop = HOP_BY_HOP.union(connection) if connection else HOP_BY_HOP
-    forward = []
-    for name, value in head.headers:
-        if name in drop or name in _REFRAMED:
-            continue
-        forward.append((name, authority if name == b"host" else value))
+    drop = _NOT_FORWARDED.union(connection) if connection else _NOT_FORWARDED
+    if absolute_authority is None:
+        # Host, when present, already is the authority.
+        forward = headers if fields.keys().isdisjoint(drop) else [f for f in headers if f[0] not in drop]
+    else:
+        forward = [(name, authority if name == b"host" else value) for name, value in headers if name not in drop]
     if absolute_authority is not None and not hosts:
         forward.append((b"host", absolute_authority))
     if websocket:
@@ -212,14 +228,15 @@ def plan_response(head: ResponseHead1, request_method: bytes) -> ResponsePlan:
     # One pass: classify and format. Fields a Connection header names are removed after
     # it (rare: it needs a second pass).
     for name, value in head.headers:
-        if name in HOP_BY_HOP:
-            if name == b"transfer-encoding":
-                codings.append(value)
-            elif name == b"connection":
-                connection.extend(_tokens(value))
-            continue
-        if name == b"content-length":
-            lengths.append(value)
+        if name in _FRAMING_OR_HOP:
+            if name == b"content-length":
+                lengths.append(value)
+            else:
+                if name == b"transfer-encoding":
+                    codings.append(value)
+                elif name == b"connection":
+                    connection.extend(_tokens(value))
+                continue
         lines.append(name + b": " + value + b"\r\n")
     status = head.status
     if codings and lengths:
@@ -241,7 +258,14 @@ def plan_response(head: ResponseHead1, request_method: bytes) -> ResponsePlan:
     else:
         body = BODY_UNTIL_CLOSE
         keep_alive = False
-    if connection and not set(connection) <= _CONNECTION_OPTIONS:
+    if connection and not _CONNECTION_OPTIONS.issuperset(connection):
         drop = HOP_BY_HOP.union(connection)
         lines = [n + b": " + v + b"\r\n" for n, v in head.headers if n not in drop]
-    return ResponsePlan(status, head.reason, lines, body, content_length, keep_alive)
+    return ResponsePlan(status, head.reason, b"".join(lines), body, content_length, keep_alive)
+
+
+def field_lines(fields: list[tuple[bytes, bytes]]) -> bytes:
+    """``name: value`` CRLF for every field, as one buffer (joined in C)."""
+    if not fields:
+        return b""
+    return b"\r\n".join(map(b": ".join, fields)) + b"\r\n"
