@@ -99,10 +99,14 @@ class ProxyRecord:
         self.acked_version = ""
         self.acked_at: float | None = None
         self.last_nack: dict[str, Any] | None = None
+        # Sessions (id -> version) the proxy refused and does not run; cleared when a later
+        # version of one is accepted or it is deleted. The proxy is not in sync while any is.
+        self.rejected: dict[str, str] = {}
         # The response awaiting an answer: nonce, version, and for delta what it changes.
         self.pending_nonce = ""
         self.pending_version = ""
         self.pending_has: dict[str, str] | None = None
+        self.pending_names: tuple[str, ...] = ()  # sessions the response in flight adds, changes or removes
         self.pending_since = 0.0
         # Session ids changed since the last response (delta), or "something changed" (sotw).
         self.dirty: set[str] = set()
@@ -128,7 +132,7 @@ class ProxyRecord:
 
     def in_sync(self) -> bool:
         """Whether the proxy runs everything that concerns it."""
-        return not self.pending_nonce and not self.stale and self.last_nack is None
+        return not self.pending_nonce and not self.stale and not self.rejected
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form for ``/v1/proxies`` and ``turnout status``."""
@@ -149,6 +153,7 @@ class ProxyRecord:
             "in_sync": self.connected and self.in_sync(),
             "pending_nonce": self.pending_nonce or None,
             "last_nack": self.last_nack,
+            "rejected": sorted(self.rejected),
         }
 
 
@@ -200,6 +205,14 @@ class PushService(config_pb2_grpc.SessionDiscoveryServicer):
                 if session_id in record.has or (record.pending_has is not None and session_id in record.pending_has):
                     record.dirty.add(session_id)
                     touched = True
+                if record.rejected.pop(session_id, None) is not None:
+                    # A refused session is gone: what was refused along with it gets another
+                    # chance (state of the world re-sends the whole set anyway).
+                    if record.rejected or record.protocol == "sotw":
+                        record.dirty.update(record.rejected)
+                        touched = True
+                    else:
+                        record.last_nack = None  # the proxy never had it: nothing to send
             if touched:
                 record.stale = True
                 record.wake.set()
@@ -278,16 +291,27 @@ class PushService(config_pb2_grpc.SessionDiscoveryServicer):
             self._answers.labels("nack").inc()
             record.last_nack = {"nonce": record.pending_nonce, "version": record.pending_version,
                                 "message": request.error_detail.message, "at": now}
+            pending = record.pending_has or {}
+            for name in record.pending_names:
+                if name in pending:
+                    record.rejected[name] = pending[name]
         else:
             self._answers.labels("ack").inc()
-            record.last_nack = None
             record.acked_version = record.pending_version
             record.acked_at = now
             if record.pending_has is not None:
                 record.has = record.pending_has
+            if record.protocol == "sotw":
+                record.rejected.clear()  # the proxy took the whole set
+            else:
+                for name in record.pending_names:
+                    record.rejected.pop(name, None)
+            if not record.rejected:
+                record.last_nack = None
         record.pending_nonce = ""
         record.pending_version = ""
         record.pending_has = None
+        record.pending_names = ()
         record.wake.set()
 
     def _start(self, record: ProxyRecord) -> tuple[str, str]:
@@ -314,6 +338,7 @@ class PushService(config_pb2_grpc.SessionDiscoveryServicer):
             has[session_id] = str(stored.revision)
             response.resources.add(name=session_id, version=has[session_id], session=msg)
         record.pending_has = has
+        record.pending_names = tuple(sid for sid, version in has.items() if record.has.get(sid) != version)
         return response
 
     def _build_delta(self, record: ProxyRecord) -> config_pb2.DeltaDiscoveryResponse:
@@ -342,4 +367,5 @@ class PushService(config_pb2_grpc.SessionDiscoveryServicer):
                 response.removed_resources.append(session_id)
         record.dirty = set()
         record.pending_has = has
+        record.pending_names = (*(r.name for r in response.resources), *response.removed_resources)
         return response

@@ -291,7 +291,6 @@ class ConfigChannel:
         status.control_plane_id = new.control_plane_id
         status.sessions = len(new.sessions)
         status.last_update_at = time.time()
-        status.last_nack = None
         self._initial_fetch_done()
         return None
 

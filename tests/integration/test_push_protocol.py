@@ -264,7 +264,13 @@ def test_nack_is_recorded_and_the_next_change_still_flows(cp: ControlPlane) -> N
         after = proxy.next()
         assert [r.name for r in after.resources] == ["good"]
         proxy.ack(after)
-        wait_for(lambda: cp.proxy("p1")["last_nack"] is None)
+        wait_for(lambda: cp.proxy("p1")["acked_version"] == after.system_version_info)
+        record = cp.proxy("p1")  # the refused session is still not running there
+        assert record["rejected"] == ["bad"] and record["in_sync"] is False and record["last_nack"] is not None
+        cp.delete("bad")
+        wait_for(lambda: cp.proxy("p1")["in_sync"])
+        assert cp.proxy("p1")["last_nack"] is None and cp.proxy("p1")["rejected"] == []
+        assert proxy.nothing_within(0.3), "the proxy never had the deleted session: nothing to send"
     finally:
         proxy.close()
 
