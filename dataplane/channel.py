@@ -297,6 +297,15 @@ class ConfigChannel:
     def _next_state(self, response: Any, delta: bool, version: str) -> PushedState:
         limits = rule_limits(self.config.snapshot)
         sessions = dict(self.state.sessions) if delta else {}
+        # Count before validating: refusing a million sessions must not cost a million parses.
+        names = set(sessions)
+        names.update(resource.name for resource in response.resources)
+        if delta:
+            names.difference_update(response.removed_resources)
+        total = len(names) + len(self.config.snapshot.sessions)
+        if total > limits.max_sessions:
+            raise ValidationError([Problem("resources", f"the push makes {total} sessions, over the limit of "
+                                           f"{limits.max_sessions} per snapshot")])
         problems: list[Problem] = []
         for resource in response.resources:
             try:
