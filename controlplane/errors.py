@@ -1,0 +1,70 @@
+"""The control plane's own error types; each knows its HTTP status and JSON body."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from filters import TurnoutError
+
+
+class ControlPlaneError(TurnoutError):
+    """A request the control plane refuses; ``kind`` and ``status`` shape the API reply."""
+
+    kind: ClassVar[str] = "error"
+    status: ClassVar[int] = 500
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        super().__init__(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The API's JSON error body."""
+        return {"error": self.kind, "message": self.message}
+
+
+class Conflict(ControlPlaneError):
+    """The session id exists, or another session holds a (key, service) claim; ``holder`` names it."""
+
+    kind = "conflict"
+    status = 409
+
+    def __init__(self, message: str, holder: str) -> None:
+        self.holder = holder
+        super().__init__(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The API's JSON error body, with the holding session's id."""
+        return {**super().to_dict(), "holder": self.holder}
+
+
+class NotFound(ControlPlaneError):
+    """No session with that id (it may have expired)."""
+
+    kind = "not_found"
+    status = 404
+
+
+class PolicyRefused(ControlPlaneError):
+    """A guardrail of the policy file refused the request; ``policy`` is the rule's name."""
+
+    kind = "policy"
+    status = 403
+
+    def __init__(self, policy: str, message: str) -> None:
+        self.policy = policy
+        super().__init__(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The API's JSON error body, naming the policy that refused."""
+        return {"error": self.kind, "policy": self.policy, "message": self.message}
+
+
+class Unauthorized(ControlPlaneError):
+    """A missing or wrong bearer token."""
+
+    kind = "unauthorized"
+    status = 401
+
+
+class StartupError(TurnoutError):
+    """The control plane cannot start as configured (a flag, a token or certificate file, the database)."""

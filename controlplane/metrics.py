@@ -1,0 +1,40 @@
+"""The control plane's Prometheus metrics (the push service adds its own to the same registry)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from controlplane.store import SessionStore
+
+# A hostile client can send any method name; only these become label values.
+_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
+
+
+class ControlPlaneMetrics:
+    """Sessions, revision, API requests, policy refusals and reloads, expired sessions."""
+
+    def __init__(self, registry: CollectorRegistry, store: SessionStore) -> None:
+        sessions = Gauge("turnout_cp_sessions", "Sessions in the store", registry=registry)
+        sessions.set_function(store.count)
+        revision = Gauge("turnout_cp_revision", "Revision of the last change to the store", registry=registry)
+        revision.set_function(lambda: store.revision)
+        self._api_requests = Counter("turnout_cp_api_requests", "API requests by method and status code",
+                                     ["method", "code"], registry=registry)
+        self._policy_refusals = Counter("turnout_cp_policy_refusals", "Requests refused by policy, by policy name",
+                                        ["policy"], registry=registry)
+        self.sessions_expired = Counter("turnout_cp_sessions_expired", "Sessions removed because their TTL ran out",
+                                        registry=registry)
+        self._policy_reloads = Counter("turnout_cp_policy_reloads", "Policy file reloads (SIGHUP) by result",
+                                       ["result"], registry=registry)
+
+    def api_request(self, method: str, status: int) -> None:
+        """Count one answered API request."""
+        self._api_requests.labels(method if method in _METHODS else "other", str(status)).inc()
+
+    def policy_refusal(self, policy: str) -> None:
+        """Count one refusal by ``policy``."""
+        self._policy_refusals.labels(policy).inc()
+
+    def policy_reload(self, ok: bool) -> None:
+        """Count one policy reload, applied or refused as invalid."""
+        self._policy_reloads.labels("ok" if ok else "invalid").inc()

@@ -1,0 +1,206 @@
+"""``turnout control-plane``: the store, the policy, the HTTP API, TTL expiry and the gRPC push service.
+
+Start order: credentials, policy and TLS files are read first so a mistake fails before
+anything listens; then the store, the push service, both listeners, and one ready line on
+standard output with the bound addresses. SIGHUP reloads the policy file (an invalid one
+is refused and the old one kept). SIGTERM or SIGINT: stop accepting, end every push
+stream, give requests in flight ``SHUTDOWN_GRACE_S``, close the store, exit 0.
+
+The control plane runs on plain asyncio (not uvloop): grpc.aio brings its own loop
+integration, and nothing here is on a request's hot path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import ssl
+import sys
+from dataclasses import dataclass
+from typing import TextIO
+
+import grpc
+from prometheus_client import CollectorRegistry
+
+from controlplane.api import ApiService
+from controlplane.auth import BearerAuthInterceptor, Credentials, api_ssl_context, grpc_server_credentials
+from controlplane.errors import StartupError
+from controlplane.expiry import Expirer
+from controlplane.http import HttpServer
+from controlplane.metrics import ControlPlaneMetrics
+from controlplane.policy import Policy, load_policy
+from controlplane.push import PushService
+from controlplane.store import SessionStore
+from filters import ValidationError
+from turnout.v1 import config_pb2_grpc
+
+log = logging.getLogger("turnout.controlplane")
+
+# Kubernetes waits 30 s after SIGTERM; 5 s lets in-flight requests finish well inside that.
+SHUTDOWN_GRACE_S = 5.0
+GRPC_OPTIONS = [
+    # A full state-of-the-world push of 100,000 sessions fits.
+    ("grpc.max_send_message_length", 64 << 20),
+    # Keepalives find a dead proxy (or a dead path to it) within half a minute.
+    ("grpc.keepalive_time_ms", 20000),
+    ("grpc.keepalive_timeout_ms", 10000),
+    # Proxies ping as their own keepalive; accept it at this rate instead of GOAWAY.
+    ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    # grpc sets SO_REUSEPORT by default: a second control plane on the same port would
+    # silently take half the proxies instead of failing to start.
+    ("grpc.so_reuseport", 0),
+]
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """The ``turnout control-plane`` flags."""
+
+    api: str = "127.0.0.1:18080"
+    grpc: str = "127.0.0.1:18000"
+    db: str = "turnout-sessions.db"
+    token_file: str | None = None
+    proxy_token_file: str | None = None
+    policy: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    control_plane_id: str = ""
+    allow_unauthenticated: bool = False
+
+
+def split_address(text: str, flag: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` for IPv6) of a listen flag; port 0 picks a free one."""
+    host, sep, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise StartupError(f"{flag} {text!r}: expected host:port, e.g. 127.0.0.1:18080")
+    return host, int(port)
+
+
+def _grpc_target(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class ControlPlane:
+    """One running control plane; ``run`` serves until SIGTERM/SIGINT or ``stop``."""
+
+    def __init__(self, options: ServerOptions, out: TextIO = sys.stdout) -> None:
+        self._options = options
+        self._out = out
+        self._stopping = asyncio.Event()
+        if (options.tls_cert is None) != (options.tls_key is None):
+            raise StartupError("--tls-cert and --tls-key go together")
+        self._api_address = split_address(options.api, "--api")
+        self._grpc_address = split_address(options.grpc, "--grpc")
+        self._credentials = Credentials.load(options.token_file, options.proxy_token_file,
+                                             options.allow_unauthenticated)
+        self._policy = self._load_policy()
+        self._ssl_context: ssl.SSLContext | None = None
+        self._grpc_credentials: grpc.ServerCredentials | None = None
+        if options.tls_cert is not None and options.tls_key is not None:
+            self._ssl_context = api_ssl_context(options.tls_cert, options.tls_key)
+            self._grpc_credentials = grpc_server_credentials(options.tls_cert, options.tls_key)
+        self._control_plane_id = options.control_plane_id or socket.gethostname()
+
+    def _load_policy(self) -> Policy:
+        if self._options.policy is None:
+            return Policy()
+        try:
+            return load_policy(self._options.policy)
+        except ValidationError as exc:
+            raise StartupError(f"--policy {self._options.policy}: invalid policy file:\n  "
+                               + "\n  ".join(map(str, exc.problems))) from None
+
+    def stop(self) -> None:
+        """Begin the graceful shutdown."""
+        self._stopping.set()
+
+    async def run(self) -> int:
+        """Serve until stopped; returns the exit status."""
+        store = SessionStore(self._options.db)
+        try:
+            return await self._serve(store)
+        finally:
+            store.close()
+
+    async def _serve(self, store: SessionStore) -> int:
+        registry = CollectorRegistry()
+        metrics = ControlPlaneMetrics(registry, store)
+        push = PushService(store, self._control_plane_id, registry)
+        api = ApiService(store, self._policy, self._credentials.api_token, push.proxies, registry, metrics)
+        http = HttpServer(api.handle)
+        server = grpc.aio.server(interceptors=[BearerAuthInterceptor(self._credentials.proxy_token)],
+                                 options=GRPC_OPTIONS)
+        config_pb2_grpc.add_SessionDiscoveryServicer_to_server(push, server)  # type: ignore[no-untyped-call]
+        grpc_host, grpc_port = self._grpc_address
+        target = _grpc_target(grpc_host, grpc_port)
+        try:
+            bound_grpc_port = server.add_secure_port(target, self._grpc_credentials) \
+                if self._grpc_credentials is not None else server.add_insecure_port(target)
+        except RuntimeError as exc:
+            raise StartupError(f"--grpc {self._options.grpc}: cannot listen: {exc}") from None
+        try:
+            api_host, api_port = await http.start(*self._api_address, self._ssl_context)
+        except OSError as exc:
+            raise StartupError(f"--api {self._options.api}: cannot listen: {exc.strerror}") from None
+        await server.start()
+        expirer = asyncio.create_task(Expirer(store, metrics).run())
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stop)
+        loop.add_signal_handler(signal.SIGINT, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._reload_policy(api, metrics))
+        tls = self._ssl_context is not None
+        scheme = "https" if tls else "http"
+        self._out.write(
+            f"turnout control-plane {self._control_plane_id}: api {scheme}://{_grpc_target(api_host, api_port)} "
+            f"grpc {_grpc_target(grpc_host, bound_grpc_port)}{' (tls)' if tls else ''}; "
+            f"revision {store.revision}, {store.count()} session(s)\n")
+        self._out.flush()
+        try:
+            await self._stopping.wait()
+        finally:
+            log.info("shutting down")
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            # grpc's stop() refuses new streams at once and waits out the grace for open ones,
+            # which push.close() ends.
+            grpc_stopped = asyncio.create_task(server.stop(SHUTDOWN_GRACE_S))
+            await push.close()
+            await asyncio.gather(grpc_stopped, http.close(SHUTDOWN_GRACE_S))
+            expirer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await expirer
+        return 0
+
+    def _reload_policy(self, api: ApiService, metrics: ControlPlaneMetrics) -> None:
+        if self._options.policy is None:
+            log.warning("SIGHUP: no --policy file to reload")
+            return
+        try:
+            policy = self._load_policy()
+        except StartupError as exc:
+            metrics.policy_reload(ok=False)
+            log.error("SIGHUP: policy not reloaded, the running one stays: %s", exc)
+            return
+        api.policy = policy
+        metrics.policy_reload(ok=True)
+        log.info("SIGHUP: policy reloaded from %s", self._options.policy)
+
+
+def run_control_plane(options: ServerOptions) -> int:
+    """Run ``turnout control-plane`` to completion; a startup error is printed and exits 2."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return asyncio.run(_main(options))
+    except StartupError as exc:
+        sys.stderr.write(f"turnout control-plane: {exc}\n")
+        return 2
+
+
+async def _main(options: ServerOptions) -> int:
+    return await ControlPlane(options).run()

@@ -1,0 +1,171 @@
+"""The real ``turnout control-plane`` as a subprocess on 127.0.0.1 port 0, and the real CLI.
+
+Every process is started here and stopped here, by its own PID, even when a test fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[3]
+TOKEN = "integration-test-token-0123456789"
+READY_RE = re.compile(r"api (https?)://([0-9.]+):(\d+) grpc ([0-9.]+):(\d+)")
+ROUTE = {"service": "users", "destination": "10.0.0.5:8080"}
+
+
+@dataclass
+class ControlPlane:
+    """A running control plane and where to reach it."""
+
+    process: subprocess.Popen[str]
+    api_url: str
+    grpc_target: str
+    db: Path
+    token: str | None
+    log_path: Path
+    ready_line: str
+
+    def client(self, token: str | None = "default", **kwargs: Any) -> httpx.Client:
+        """An httpx client for the API; ``token`` None sends no Authorization header."""
+        token = self.token if token == "default" else token
+        headers = {"authorization": f"Bearer {token}"} if token is not None else {}
+        return httpx.Client(base_url=self.api_url, headers=headers, timeout=10, **kwargs)
+
+    def log(self) -> str:
+        """What the control plane logged so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 15) -> int:
+        """Signal it and wait for its exit status; kill it if it hangs (and raise)."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+                raise
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        return self.process.returncode
+
+
+def write_token(tmp: Path, name: str = "token", token: str = TOKEN) -> Path:
+    """A token file."""
+    path = tmp / name
+    path.write_text(token + "\n")
+    return path
+
+
+def write_policy(tmp: Path, policy: dict[str, Any], name: str = "policy.yaml") -> Path:
+    """A policy file."""
+    path = tmp / name
+    path.write_text(yaml.safe_dump(policy))
+    return path
+
+
+def start_control_plane(tmp: Path, *extra: str, token: str | None = TOKEN, db: Path | None = None,
+                        timeout_s: float = 20) -> ControlPlane:
+    """Start ``turnout control-plane`` on free ports; returns once it printed its ready line."""
+    db = db or tmp / "sessions.db"
+    args = [sys.executable, "-m", "turnout.cli", "control-plane", "--api", "127.0.0.1:0", "--grpc", "127.0.0.1:0",
+            "--db", str(db), "--id", "cp-test"]
+    if token is not None:
+        args += ["--token-file", str(write_token(tmp, "api-token", token))]
+    args += extra
+    log_path = tmp / f"control-plane-{time.monotonic_ns()}.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log, text=True, cwd=ROOT,
+                                   env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert process.stdout is not None
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            ready, _, _ = select.select([process.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise RuntimeError(f"control plane not ready in {timeout_s} s:\n" + log_path.read_text())
+            line = process.stdout.readline()
+            if not line:
+                process.wait(5)
+                raise RuntimeError(f"control plane exited ({process.returncode}) during start:\n"
+                                   + log_path.read_text())
+            match = READY_RE.search(line)
+            if match:
+                break
+    except BaseException:
+        if process.poll() is None:
+            process.kill()
+            process.wait(5)
+        process.stdout.close()
+        raise
+    scheme, api_host, api_port, grpc_host, grpc_port = match.groups()
+    return ControlPlane(process, f"{scheme}://{api_host}:{api_port}", f"{grpc_host}:{grpc_port}", db, token,
+                        log_path, line)
+
+
+@contextlib.contextmanager
+def running_control_plane(tmp: Path, *extra: str, token: str | None = TOKEN,
+                          db: Path | None = None) -> Iterator[ControlPlane]:
+    """A control plane for a ``with`` block, stopped (and killed if need be) even on failure."""
+    cp = start_control_plane(tmp, *extra, token=token, db=db)
+    try:
+        yield cp
+    finally:
+        with contextlib.suppress(Exception):
+            cp.stop()
+        if cp.process.poll() is None:
+            cp.process.kill()
+            cp.process.wait(5)
+
+
+@dataclass
+class CliResult:
+    """A finished ``turnout`` command."""
+
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> Any:
+        """Standard output as JSON."""
+        return json.loads(self.out)
+
+
+def run_cli(cp: ControlPlane | None, *args: str, token: str | None = "default", url: str | None = None,
+            timeout_s: float = 30) -> CliResult:
+    """Run the real ``turnout`` command against ``cp`` (token in TURNOUT_TOKEN)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TURNOUT_TOKEN", "TURNOUT_CONTROL_PLANE")}
+    env["PYTHONPATH"] = str(ROOT)
+    if cp is not None:
+        env["TURNOUT_CONTROL_PLANE"] = cp.api_url
+        token = cp.token if token == "default" else token
+    if url is not None:
+        env["TURNOUT_CONTROL_PLANE"] = url
+    if token is not None and token != "default":
+        env["TURNOUT_TOKEN"] = token
+    done = subprocess.run([sys.executable, "-m", "turnout.cli", *args], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=timeout_s, check=False)
+    return CliResult(done.returncode, done.stdout, done.stderr)
+
+
+@pytest.fixture(scope="module")
+def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    """One control plane with the default policy, shared by a module's tests."""
+    with running_control_plane(tmp_path_factory.mktemp("cp")) as cp:
+        yield cp
