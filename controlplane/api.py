@@ -30,7 +30,7 @@ from urllib.parse import unquote
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from controlplane.auth import bearer_token, token_matches
-from controlplane.errors import ControlPlaneError, NotFound, PolicyRefused
+from controlplane.errors import ControlPlaneError, NotFound, PolicyRefused, Unauthorized
 from controlplane.http import Reply, Request, error_reply, json_reply
 from controlplane.metrics import ControlPlaneMetrics
 from controlplane.policy import Policy
@@ -73,7 +73,7 @@ class ApiService:
         except ControlPlaneError as exc:
             if isinstance(exc, PolicyRefused):
                 self._metrics.policy_refusal(exc.policy)
-            reply = json_reply(exc.status, exc.to_dict())
+            reply = json_reply(exc.status, exc.to_dict(), exc.headers())
         self._metrics.api_request(request.method, reply.status)
         return reply
 
@@ -85,9 +85,7 @@ class ApiService:
             return self._only(method, "GET") or Reply(200, generate_latest(self._registry), CONTENT_TYPE_LATEST)
         if path != "/v1" and not path.startswith("/v1/"):
             return error_reply(404, "not_found", f"no such path {path!r}; the API is under /v1")
-        refused = self._authenticate(request)
-        if refused is not None:
-            return refused
+        self._authenticate(request)
         segments = [unquote(s) for s in path[len("/v1/"):].split("/")]
         match segments:
             case ["sessions"]:
@@ -113,18 +111,16 @@ class ApiService:
         return error_reply(405, "method_not_allowed", f"{method} is not allowed here; use {' or '.join(allowed)}",
                            [("allow", ", ".join(allowed))])
 
-    def _authenticate(self, request: Request) -> Reply | None:
+    def _authenticate(self, request: Request) -> None:
         if self._api_token is None:
-            return None
+            return
         presented = bearer_token(request.header("authorization"))
         if token_matches(presented, self._api_token):
-            return None
+            return
         if presented is None:
-            return error_reply(401, "unauthorized", "missing bearer token: send 'Authorization: Bearer <token>' "
-                               "(turnout: --token-file, or the token in TURNOUT_TOKEN)",
-                               [("www-authenticate", 'Bearer realm="turnout"')])
-        return error_reply(401, "unauthorized", "wrong bearer token",
-                           [("www-authenticate", 'Bearer realm="turnout", error="invalid_token"')])
+            raise Unauthorized("missing bearer token: send 'Authorization: Bearer <token>' (turnout: --token-file, "
+                               "or the token in TURNOUT_TOKEN)", invalid_token=False)
+        raise Unauthorized("wrong bearer token", invalid_token=True)
 
     # ------------------------------------------------------------------ sessions
 

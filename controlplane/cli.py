@@ -42,12 +42,16 @@ def add_commands(sub: Any) -> None:
 
     create = actions.add_parser(
         "create", parents=[common], help="create a session",
-        description="Create a session: one route per forked service. --mode, --fallback and --match apply to "
-        "every route. The control plane validates the session (every problem is listed), applies its policy "
-        "and refuses a (key, service) another session already holds, naming it.",
-        epilog="example: turnout session create --key abc123 --route users=10.0.0.5:8080 --ttl 2h")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Create a session: one route per forked service; --mode, --fallback and --match apply\n"
+        "to every route. The control plane validates it (listing every problem), applies its\n"
+        "policy, and refuses a (key, service) that another session holds, naming that session.",
+        epilog="examples:\n"
+        "  turnout session create --key abc123 --route users=10.0.0.5:8080 --ttl 2h\n"
+        "  turnout session create --route users=10.0.0.5:8080 --match '{header: {name: x-user, exact: bob}}'")
     create.add_argument("--id", help="session id (default: generated, s-<10 hex>)")
-    create.add_argument("--key", help="routing key; without one the session is filter-only and needs --match")
+    create.add_argument("--key", help="routing key; without one the session is filter-only: give --match (or "
+                        "--mode mirror), or the default policy refuses it")
     create.add_argument("--route", action="append", required=True, type=_route, metavar="SERVICE=HOST:PORT",
                         help="send SERVICE's requests to HOST:PORT; repeat for more services")
     create.add_argument("--mode", choices=["steal", "mirror"],
@@ -371,7 +375,9 @@ def _expires(timestamp: float | None, now: float) -> str:
         return "never"
     if timestamp <= now:
         return "expired"
-    return "in " + format_duration(timestamp - now)
+    left_s = timestamp - now
+    # Seconds are noise on anything an hour or more away.
+    return "in " + format_duration(round(left_s / 60) * 60 if left_s >= 3600 else left_s)
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

@@ -21,6 +21,10 @@ class ControlPlaneError(TurnoutError):
         """The API's JSON error body."""
         return {"error": self.kind, "message": self.message}
 
+    def headers(self) -> tuple[tuple[str, str], ...]:
+        """Extra response headers the reply needs."""
+        return ()
+
 
 class Conflict(ControlPlaneError):
     """The session id exists, or another session holds a (key, service) claim; ``holder`` names it."""
@@ -60,10 +64,19 @@ class PolicyRefused(ControlPlaneError):
 
 
 class Unauthorized(ControlPlaneError):
-    """A missing or wrong bearer token."""
+    """A missing or wrong bearer token; ``invalid_token`` tells the two apart in the challenge."""
 
     kind = "unauthorized"
     status = 401
+
+    def __init__(self, message: str, invalid_token: bool) -> None:
+        self.invalid_token = invalid_token
+        super().__init__(message)
+
+    def headers(self) -> tuple[tuple[str, str], ...]:
+        """The RFC 6750 challenge."""
+        challenge = 'Bearer realm="turnout"' + (', error="invalid_token"' if self.invalid_token else "")
+        return (("www-authenticate", challenge),)
 
 
 class StartupError(TurnoutError):

@@ -27,8 +27,11 @@ log = logging.getLogger("turnout.controlplane.http")
 MAX_BODY_BYTES = 1 << 20
 # The same head budget as the proxy's (Envoy's 60 KiB, rounded up).
 MAX_HEAD_BYTES = 64 * 1024
-# Between bytes of a request, and on an idle keep-alive connection: nginx's keepalive_timeout is 75 s.
+# An idle keep-alive connection is closed after this: nginx's keepalive_timeout is 75 s.
 IDLE_TIMEOUT_S = 30.0
+# A whole request, from its first byte: trickling bytes cannot hold a connection for longer
+# (at this size, 1 MiB needs only 35 KB/s). nginx's client_header_timeout is 60 s.
+REQUEST_TIMEOUT_S = 30.0
 # TLS handshakes from a scanner must not pile up.
 TLS_HANDSHAKE_TIMEOUT_S = 10.0
 # Connections beyond this are closed at once: the CLI opens one per command.
@@ -129,6 +132,10 @@ class HttpServer:
             await self._serve(task, reader, writer)
         except (ConnectionError, TimeoutError, ssl.SSLError):
             pass  # the peer went away or stalled; nothing to answer
+        except asyncio.CancelledError:
+            # close() cancels idle connections. Ending normally matters: on Python 3.11 the
+            # streams callback calls exception() on a cancelled task and logs the error.
+            pass
         finally:
             del self._connections[task]
             writer.close()
@@ -167,15 +174,29 @@ class HttpServer:
                             writer: asyncio.StreamWriter) -> Request | None:
         head: h11.Request | None = None
         body = bytearray()
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
+                started = head is not None or bool(conn.trailing_data[0])
+                if started and deadline is None:
+                    deadline = loop.time() + REQUEST_TIMEOUT_S
+                timeout_s = IDLE_TIMEOUT_S if deadline is None else deadline - loop.time()
+                if timeout_s <= 0:
+                    raise _Refused(error_reply(408, "timeout", f"request not received within {REQUEST_TIMEOUT_S} s"))
                 # Cancellable at shutdown only while no byte of the next request has arrived.
-                self._connections[task] = head is None and not conn.trailing_data[0]
+                self._connections[task] = not started
                 try:
-                    data = await asyncio.wait_for(reader.read(65536), IDLE_TIMEOUT_S)
+                    data = await asyncio.wait_for(reader.read(65536), timeout_s)
+                except TimeoutError:
+                    if not started:
+                        raise  # an idle keep-alive connection: close it quietly
+                    continue  # the deadline check above answers 408
                 finally:
                     self._connections[task] = False
+                if deadline is None and data:
+                    deadline = loop.time() + REQUEST_TIMEOUT_S
                 conn.receive_data(data)
             elif isinstance(event, h11.Request):
                 head = event

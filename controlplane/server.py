@@ -81,7 +81,7 @@ def split_address(text: str, flag: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _grpc_target(host: str, port: int) -> str:
+def _host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -137,7 +137,7 @@ class ControlPlane:
                                  options=GRPC_OPTIONS)
         config_pb2_grpc.add_SessionDiscoveryServicer_to_server(push, server)  # type: ignore[no-untyped-call]
         grpc_host, grpc_port = self._grpc_address
-        target = _grpc_target(grpc_host, grpc_port)
+        target = _host_port(grpc_host, grpc_port)
         try:
             bound_grpc_port = server.add_secure_port(target, self._grpc_credentials) \
                 if self._grpc_credentials is not None else server.add_insecure_port(target)
@@ -156,8 +156,8 @@ class ControlPlane:
         tls = self._ssl_context is not None
         scheme = "https" if tls else "http"
         self._out.write(
-            f"turnout control-plane {self._control_plane_id}: api {scheme}://{_grpc_target(api_host, api_port)} "
-            f"grpc {_grpc_target(grpc_host, bound_grpc_port)}{' (tls)' if tls else ''}; "
+            f"turnout control-plane {self._control_plane_id}: api {scheme}://{_host_port(api_host, api_port)} "
+            f"grpc {_host_port(grpc_host, bound_grpc_port)}{' (tls)' if tls else ''}; "
             f"revision {store.revision}, {store.count()} session(s)\n")
         self._out.flush()
         try:

@@ -93,6 +93,9 @@ class SessionStore:
         except sqlite3.DatabaseError as exc:
             self._db.close()
             raise StartupError(f"{path!r} is not a usable session database: {exc}") from None
+        except BaseException:
+            self._db.close()
+            raise
 
     def _open(self) -> None:
         db = self._db

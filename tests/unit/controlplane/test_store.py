@@ -269,3 +269,15 @@ def test_not_a_database(tmp_path: Path) -> None:
     path.write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(StartupError, match="not a usable session database"):
         SessionStore(str(path))
+
+
+def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "future.db"
+    SessionStore(str(path)).close()
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA user_version=99")
+    db.commit()
+    db.close()
+    with pytest.raises(StartupError, match="upgrade turnout"):
+        SessionStore(str(path))
+    SessionStore(":memory:").close()
