@@ -88,19 +88,16 @@ async def fetch_unix(path: str, method: str, target: str, body: bytes = b"", tim
             data = await reader.read()
         finally:
             writer.close()
-    conn = h11.Connection(h11.CLIENT)
-    conn.send(h11.Request(method=method, target=target, headers=[("host", "worker"), ("connection", "close")]))
-    conn.send(h11.EndOfMessage())
-    conn.receive_data(data)
-    conn.receive_data(b"")
-    status, ctype, payload = 502, "text/plain", bytearray()
-    while True:
-        event = conn.next_event()
-        if isinstance(event, h11.Response):
-            status = event.status_code
-            ctype = dict(event.headers).get(b"content-type", b"text/plain").decode()
-        elif isinstance(event, h11.Data):
-            payload += event.data
-        elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)) or event is h11.NEED_DATA:
-            break
-    return status, ctype, bytes(payload)
+    # The worker's own admin server answered with Content-Length and closed: the head is
+    # plain enough to read without a parser (h11 here cost a third of a push's CPU).
+    head, sep, payload = data.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ", 2)
+    if not sep or len(parts) < 2 or not parts[1].isdigit():
+        return 502, "text/plain", b"malformed answer from the worker\n"
+    ctype = "text/plain"
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-type":
+            ctype = value.strip().decode("latin-1")
+    return int(parts[1]), ctype, payload

@@ -25,7 +25,7 @@ import grpc
 
 from dataplane.config import ProxyConfig
 from dataplane.rules import compose_snapshot, rule_limits
-from dataplane.statefile import PushedState, load_state, save_state
+from dataplane.statefile import PushedState, StateRenderer, load_state, write_atomic
 from filters import Problem, Session, ValidationError
 from turnout.v1 import config_pb2, config_pb2_grpc
 from turnout.v1.convert import session_from_proto
@@ -34,6 +34,15 @@ from turnout.v1.convert import session_from_proto
 _INVALID_ARGUMENT = 3
 # A NACK's message names every problem; this many are plenty to act on.
 _NACK_PROBLEMS = 20
+
+
+Claim = tuple[str, str]  # (routing key, service)
+
+
+def claims_of(session: Session) -> list[Claim]:
+    """The (key, service) pairs a keyed session holds; filter-only sessions hold none."""
+    key = session.key
+    return [] if key is None else [(key, route.service) for route in session.routes]
 
 
 @dataclass(frozen=True)
@@ -115,11 +124,20 @@ class ConfigChannel:
         self._apply = apply
         self._log = log or (lambda line: sys.stderr.write("turnout: " + line + "\n"))
         self.status = ChannelStatus(self.settings.address, self.settings.protocol, config.node_id())
+        self._static_ids: set[str] = set()
+        self._static_claims: dict[Claim, str] = {}
+        self.set_config(config)
+        self._claims: dict[Claim, str] = {}  # of the pushed sessions in use
         self.state_path = config.state_path()
         self.status.state_file = self.state_path or ""
         self.state = PushedState()
         self.initial_done = asyncio.Event()
         self._last_logged_error = ""
+        self._renderer = StateRenderer()
+        self._save_pending: PushedState | None = None
+        self._saver: asyncio.Task[None] | None = None
+        self._last_save = 0.0
+        self._flushing = asyncio.Event()
 
     def load_persisted(self) -> PushedState:
         """The last good set from the state file (empty when there is none)."""
@@ -138,6 +156,7 @@ class ConfigChannel:
             self._log("state file ignored: " + self.status.state_file_error)
             return self.state
         self.state = state
+        self._claims = {claim: sid for sid, (s, _) in state.sessions.items() for claim in claims_of(s)}
         self.status.version = state.version
         self.status.control_plane_id = state.control_plane_id
         self.status.sessions = len(state.sessions)
@@ -263,8 +282,7 @@ class ConfigChannel:
         status = self.status
         version = response.system_version_info if delta else response.version_info
         try:
-            new = self._next_state(response, delta, version)
-            compose_snapshot(self.config.snapshot, new.session_list(), version)
+            new, upserted, removed, claims = self._next_state(response, delta, version)
         except ValidationError as exc:
             problems = [str(p) for p in exc.problems] or [str(exc)]
             reason = "; ".join(problems[:_NACK_PROBLEMS]) + (
@@ -275,16 +293,9 @@ class ConfigChannel:
                       + reason)
             self._initial_fetch_done()
             return reason
-        if self.state_path is not None:
-            try:
-                save_state(self.state_path, new)
-                status.state_file_error = ""
-            except OSError as exc:
-                status.state_file_error = f"cannot write {self.state_path}: {exc.strerror}"
-                self._log("state file: " + status.state_file_error)
-        upserted, removed = diff(self.state, new)
         previous = self.state.version
         self.state = new
+        self._claims = claims
         await self._apply(Update(new, previous, upserted, removed))
         status.acks += 1
         status.version = version
@@ -292,21 +303,67 @@ class ConfigChannel:
         status.sessions = len(new.sessions)
         status.last_update_at = time.time()
         self._initial_fetch_done()
+        self._save_soon(new)
         return None
 
-    def _next_state(self, response: Any, delta: bool, version: str) -> PushedState:
+    def _save_soon(self, state: PushedState) -> None:
+        # Off the ACK path: the file is a cache for restarts. If the proxy dies before it is
+        # written, it resumes from the previous version and the control plane sends the rest.
+        if self.state_path is None:
+            return
+        self._save_pending = state
+        if self._saver is None or self._saver.done():
+            self._saver = asyncio.get_running_loop().create_task(self._save_loop())
+
+    async def _save_loop(self) -> None:
+        assert self.state_path is not None
+        while self._save_pending is not None:
+            # A burst of pushes is written once per interval, not once per push (each write
+            # is an fsync); only the latest set is written.
+            wait_s = self._last_save + self.limits.control_plane_state_write_interval_s - time.monotonic()
+            if wait_s > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._flushing.wait(), wait_s)
+            self._last_save = time.monotonic()
+            state, self._save_pending = self._save_pending, None
+            data = self._renderer.render(state)
+            try:
+                await asyncio.to_thread(write_atomic, self.state_path, data)
+                self.status.state_file_error = ""
+            except OSError as exc:
+                error = f"cannot write {self.state_path}: {exc.strerror}"
+                if error != self.status.state_file_error:
+                    self._log("state file: " + error)
+                self.status.state_file_error = error
+
+    async def flush(self) -> None:
+        """Write a pending state file now instead of at the end of the interval (shutdown)."""
+        self._flushing.set()
+        if self._saver is not None:
+            await self._saver
+
+    def _next_state(self, response: Any, delta: bool,
+                    version: str) -> tuple[PushedState, tuple[Session, ...], tuple[str, ...], dict[Claim, str]]:
+        """The set a response makes, what changed, and the claims after it; raises ``ValidationError``.
+
+        Costs O(changed) for a delta response: each pushed session is parsed, and conflicts
+        are checked against an index of (key, service) claims instead of recompiling.
+        """
         limits = rule_limits(self.config.snapshot)
-        sessions = dict(self.state.sessions) if delta else {}
-        # Count before validating: refusing a million sessions must not cost a million parses.
-        names = set(sessions)
-        names.update(resource.name for resource in response.resources)
+        old = self.state.sessions
+        incoming = {resource.name for resource in response.resources}
         if delta:
-            names.difference_update(response.removed_resources)
-        total = len(names) + len(self.config.snapshot.sessions)
+            removed_names = [n for n in dict.fromkeys(response.removed_resources) if n in old and n not in incoming]
+            total = len(old) + sum(1 for n in incoming if n not in old) - len(removed_names)
+        else:
+            total = len(incoming)
+        # Count before validating: refusing a million sessions must not cost a million parses.
+        total += len(self.config.snapshot.sessions)
         if total > limits.max_sessions:
             raise ValidationError([Problem("resources", f"the push makes {total} sessions, over the limit of "
                                            f"{limits.max_sessions} per snapshot")])
         problems: list[Problem] = []
+        entries: dict[str, tuple[Session, str]] = {}
         for resource in response.resources:
             try:
                 session = session_from_proto(resource.session, limits)
@@ -316,13 +373,53 @@ class ConfigChannel:
             if session.id != resource.name:
                 problems.append(Problem(f"resource {resource.name}", f"holds session {session.id!r}"))
                 continue
-            sessions[session.id] = (session, resource.version)
+            entries[session.id] = (session, resource.version)
         if problems:
             raise ValidationError(problems)
         if delta:
-            for name in response.removed_resources:
-                sessions.pop(name, None)
-        return PushedState(version, sessions, response.control_plane_id)
+            sessions = dict(old)
+            sessions.update(entries)
+            for name in removed_names:
+                del sessions[name]
+            new = PushedState(version, sessions, response.control_plane_id)
+            upserted = tuple(s for sid, (s, v) in entries.items() if sid not in old or old[sid][1] != v)
+            removed = tuple(removed_names)
+        else:
+            new = PushedState(version, entries, response.control_plane_id)
+            upserted, removed = diff(self.state, new)
+        return new, upserted, removed, self._claims_after(upserted, removed)
+
+    def _claims_after(self, upserted: tuple[Session, ...], removed: tuple[str, ...]) -> dict[Claim, str]:
+        """The pushed sessions' claims after a change; conflicts raise ``ValidationError``."""
+        claims = dict(self._claims)
+        old = self.state.sessions
+        for sid in (*removed, *(s.id for s in upserted)):
+            previous = old.get(sid)
+            if previous is not None:
+                for claim in claims_of(previous[0]):
+                    if claims.get(claim) == sid:
+                        del claims[claim]
+        problems = []
+        for session in upserted:
+            where = f"session {session.id}"
+            if session.id in self._static_ids:
+                problems.append(Problem(where + ".id", f"duplicate session id {session.id!r} (a static session)"))
+            for j, claim in enumerate(claims_of(session)):
+                holder = self._static_claims.get(claim) or claims.get(claim)
+                if holder is not None and holder != session.id:
+                    problems.append(Problem(f"{where}.routes[{j}]", f"key {claim[0]!r} for service {claim[1]!r} "
+                                            f"is already claimed by session {holder!r}"))
+                else:
+                    claims[claim] = session.id
+        if problems:
+            raise ValidationError(problems)
+        return claims
+
+    def set_config(self, config: ProxyConfig) -> None:
+        """A reloaded bootstrap file: its static sessions are what pushes are checked against."""
+        self.config = config
+        self._static_ids = {s.id for s in config.snapshot.sessions}
+        self._static_claims = {claim: s.id for s in config.snapshot.sessions for claim in claims_of(s)}
 
     def exposition(self) -> bytes:
         """The channel's Prometheus samples (merged into the supervisor's ``/metrics``)."""

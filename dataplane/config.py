@@ -87,6 +87,9 @@ class Limits:
     # Largest push accepted: 100,000 sessions (the snapshot limit) take about 20 MB; a
     # larger message is refused by gRPC before it is parsed, so memory stays bounded.
     control_plane_max_message_bytes: int = 32 * 1024 * 1024
+    # The state file is written at most once per this interval (each write is an fsync);
+    # a proxy that dies in between resumes from the previous set and is sent the rest.
+    control_plane_state_write_interval_s: float = 1.0
     # Workers apply a validated push within this long, or the supervisor stops waiting
     # (and NACKs); a worker that missed one gets the whole set when it is back.
     control_plane_apply_timeout_s: float = 10.0

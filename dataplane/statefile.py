@@ -74,14 +74,41 @@ def load_state(path: str, limits: RuleLimits | None = None) -> tuple[PushedState
         return None, f"{path} is not a valid state file ({exc or 'wrong format'}); ignored"
 
 
-def save_state(path: str, state: PushedState) -> None:
-    """Write atomically (temporary file, fsync, rename); raises ``OSError``."""
+class StateRenderer:
+    """Renders a state file, re-encoding only the sessions whose version changed.
+
+    With 10,000 sessions a full ``json.dumps`` costs tens of milliseconds; a push changes
+    one or two, so each session's JSON is kept and only new versions are encoded.
+    """
+
+    def __init__(self) -> None:
+        self._encoded: dict[str, tuple[str, str]] = {}  # id -> (version, JSON of {"version", "session"})
+
+    def render(self, state: PushedState) -> bytes:
+        """The file's bytes for ``state``."""
+        encoded = {}
+        previous = self._encoded
+        for sid, (session, version) in sorted(state.sessions.items()):
+            cached = previous.get(sid)
+            if cached is None or cached[0] != version:
+                cached = (version, json.dumps({"version": version, "session": session.to_dict()},
+                                              separators=(",", ":")))
+            encoded[sid] = cached
+        self._encoded = encoded
+        head = json.dumps({"format": FORMAT, "version": state.version, "control_plane_id": state.control_plane_id},
+                          separators=(",", ":"))
+        body = ",".join(json.dumps(sid) + ":" + text for sid, (_, text) in encoded.items())
+        return (head[:-1] + ',"sessions":{' + body + "}}").encode()
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Write a file atomically (temporary file, fsync, rename); raises ``OSError``."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".turnout-state-", dir=directory)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(state.to_json(), f, separators=(",", ":"))
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -89,3 +116,8 @@ def save_state(path: str, state: PushedState) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def save_state(path: str, state: PushedState) -> None:
+    """Render and write ``state`` atomically; raises ``OSError``."""
+    write_atomic(path, StateRenderer().render(state))

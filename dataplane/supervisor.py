@@ -24,6 +24,7 @@ from dataplane.admin import Response, fetch_unix, json_response, serve_connectio
 from dataplane.channel import ConfigChannel, Update
 from dataplane.config import ProxyConfig, load_config
 from dataplane.metrics import merge_expositions
+from dataplane.pushlink import PushLink, push_socket_path
 from dataplane.rules import compose_snapshot
 from dataplane.statefile import PushedState
 from filters import Session, ValidationError
@@ -47,6 +48,7 @@ class WorkerProcess:
     history: list[int] = field(default_factory=list)
     pushed_version: str | None = None  # the pushed-session version it confirmed last; None: unknown
     ready: bool = False  # answered /ready since it last started: pushed sessions can be sent
+    link: PushLink | None = None  # the kept-open connection pushed sessions go through
 
 
 def _change_body(state: PushedState, from_version: str | None, upserted: tuple[Session, ...],
@@ -106,10 +108,11 @@ class Supervisor:
                              + (f"; admin on {self.config.admin}" if self.config.admin else "") + "\n")
         await self._stop.wait()
         self.stopping = True
-        if channel_task is not None:
+        if channel_task is not None and self.channel is not None:
             channel_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await channel_task
+            await self.channel.flush()
         await self._shutdown()
         if admin is not None:
             admin.close()
@@ -126,6 +129,9 @@ class Supervisor:
         worker.started_at = time.monotonic()
         worker.pushed_version = None
         worker.ready = False
+        if worker.link is not None:
+            worker.link.close()  # the new process listens on a new socket
+            worker.link = None
         loop = asyncio.get_running_loop()
         self._watchers.append(loop.create_task(self._watch(worker)))
         if self.channel is not None:
@@ -161,11 +167,13 @@ class Supervisor:
         if not worker.ready or worker.process is None or worker.process.returncode is not None:
             return  # a (re)starting worker is synced when it is ready
         timeout_s = self.config.limits.control_plane_apply_timeout_s
-        answer = await self._ask(worker, "POST", "/sessions", change, timeout_s)
+        if worker.link is None:
+            worker.link = PushLink(push_socket_path(worker.admin_socket))
+        answer = await worker.link.send(change, timeout_s)
         if answer[0] == 409:
             # The worker is on another version (restarted, or missed one): send the whole set.
             whole = _change_body(state, None, tuple(s for s, _ in state.sessions.values()), ())
-            answer = await self._ask(worker, "POST", "/sessions", whole, timeout_s)
+            answer = await worker.link.send(whole, timeout_s)
         if answer[0] == 200:
             worker.pushed_version = state.version
         else:
@@ -219,7 +227,7 @@ class Supervisor:
             return
         self.config = config
         if self.channel is not None:
-            self.channel.config = config
+            self.channel.set_config(config)
         self.reloads["ok"] += 1
         for worker in self.workers:
             if worker.process is not None and worker.process.returncode is None:

@@ -25,10 +25,11 @@ from dataplane.http1.codec import make_codec
 from dataplane.metrics import Metrics
 from dataplane.mirror import MirrorManager
 from dataplane.proxy import Downstream, Exchange
+from dataplane.pushlink import PushReceiver, push_socket_path
 from dataplane.rules import compose_snapshot, rule_limits
 from dataplane.statefile import PushedState, load_state
 from dataplane.upstream import Pool
-from filters import RequestHead, Snapshot, ValidationError, parse_session
+from filters import Problem, RequestHead, Snapshot, ValidationError, parse_session
 
 
 class WorkerState:
@@ -71,10 +72,13 @@ class WorkerState:
         self.config = config
         self.limits = config.limits
         self.codec = make_codec(self.codec_name, config.limits.max_head_bytes)
-        self.snapshot = snapshot  # one reference swap; requests keep the one they started with
         self.debug_headers = config.debug_headers
         baggage = [s for s in config.snapshot.key_config.sources if s.kind == "baggage"]
         self.propagate_member = (baggage[0].names[0] if baggage else "turnout-session").encode()
+        self._swap(snapshot)
+
+    def _swap(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot  # one reference swap; requests keep the one they started with
         self.loaded_at = time.time()
         self.metrics.snapshot_loaded(snapshot.version, len(snapshot.sessions))
 
@@ -162,8 +166,6 @@ class WorkerState:
             return json_response(200, self.config_dump())
         if path == "/explain":
             return self.explain(query, body)
-        if path == "/sessions" and method == "POST":
-            return self.apply_pushed(body)
         if path == "/reload" and method == "POST":
             ok = self.reload(body.decode() or self.config_path)
             return text_response(200 if ok else 400, "reloaded\n" if ok else "reload refused\n")
@@ -172,7 +174,7 @@ class WorkerState:
     config_path = ""
 
     def apply_pushed(self, body: bytes) -> Response:
-        """``POST /sessions`` from the supervisor: a validated change of the pushed sessions.
+        """A validated change of the pushed sessions, from the supervisor (``pushlink``).
 
         Body: ``{"version", "from_version", "upsert": [session...], "remove": [id...]}``;
         ``from_version`` null replaces the whole set. A change based on another version than
@@ -191,17 +193,26 @@ class WorkerState:
             return json_response(409, {"version": self.pushed.version})
         sessions = {} if base is None else dict(self.pushed.sessions)
         versions = change.get("versions") or {}
+        removed = [sid for sid in removed if sid in sessions]  # only pushed sessions, never a static one
         for session in upserts:
             sessions[session.id] = (session, str(versions.get(session.id, version)))
         for sid in removed:
-            sessions.pop(sid, None)
+            del sessions[sid]
         pushed = PushedState(version, sessions, str(change.get("control_plane_id", "")))
+        static_ids = {s.id for s in self.config.snapshot.sessions}
         try:
-            snapshot = self._compose(self.config, pushed)
+            clash = [s.id for s in upserts if s.id in static_ids]
+            if clash:
+                raise ValidationError([Problem("upsert", f"session id(s) {clash} belong to static sessions")])
+            if base is None:
+                snapshot = self._compose(self.config, pushed)
+            else:
+                # A change costs O(changed): the new snapshot shares every untouched table.
+                snapshot = self.snapshot.with_changes(upserts, removed, version, limits)
         except ValidationError as exc:
             return text_response(400, f"refused: {exc}\n")
         self.pushed = pushed
-        self._apply(self.config, snapshot)
+        self._swap(snapshot)
         return json_response(200, {"version": version, "sessions": len(sessions)})
 
     def config_dump(self) -> dict[str, Any]:
@@ -293,12 +304,14 @@ async def run_worker(config_path: str, codec_name: str, index: int, admin_socket
         sock = bind_listener(listener.address.host, listener.address.port)
         server = await loop.create_server(lambda lst=listener: Downstream(state, lst), sock=sock)  # type: ignore[misc]
         servers.append(server)
-    admin_server = None
+    admin_servers: list[asyncio.AbstractServer] = []
     if admin_socket:
-        admin_server = await asyncio.start_unix_server(
-            # The supervisor sends whole pushed session sets here: JSON, a few times the protobuf size.
-            lambda r, w: serve_connection(r, w, state.admin, 4 * config.limits.control_plane_max_message_bytes),
-            path=admin_socket)
+        admin_servers.append(await asyncio.start_unix_server(
+            lambda r, w: serve_connection(r, w, state.admin), path=admin_socket))
+        # Pushed sessions: whole sets are JSON, a few times the protobuf size.
+        max_frame = 4 * config.limits.control_plane_max_message_bytes
+        admin_servers.append(await loop.create_unix_server(
+            lambda: PushReceiver(state.apply_pushed, max_frame), path=push_socket_path(admin_socket)))
     state.ready = True
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -316,7 +329,7 @@ async def run_worker(config_path: str, codec_name: str, index: int, admin_socket
     loop.call_later(1.0, watch_parent)
     await stop.wait()
     await state.drain(servers)
-    if admin_server is not None:
+    for admin_server in admin_servers:
         admin_server.close()
     return 0
 

@@ -307,20 +307,24 @@ class _ServiceTable:
 class Snapshot:
     """An immutable routing table for one version of the session set."""
 
-    __slots__ = ("version", "sessions", "key_config", "warnings", "_extractor", "_services", "_all_live_until")
+    __slots__ = ("version", "sessions", "key_config", "warnings", "_extractor", "_services", "_all_live_until",
+                 "_by_id", "_warnings_by_service")
 
     def __init__(self, version: str, sessions: tuple[Session, ...], key_config: KeyConfig,
-                 services: dict[str, _ServiceTable], warnings: tuple[str, ...]) -> None:
+                 services: dict[str, _ServiceTable], warnings_by_service: dict[str, tuple[str, ...]],
+                 extractor: KeyExtractor | None = None, all_live_until: float | None = None) -> None:
         self.version = version
         self.sessions = sessions
         self.key_config = key_config
-        self.warnings = warnings
-        self._extractor = KeyExtractor(key_config)
+        self._warnings_by_service = warnings_by_service
+        self.warnings = tuple(w for service in sorted(warnings_by_service) for w in warnings_by_service[service])
+        self._extractor = extractor or KeyExtractor(key_config)
         self._services = services
+        self._by_id = {s.id: s for s in sessions}
         # Until the earliest expiry, no route can have expired: decide() then skips reading
         # each route's expiry, one memory access less per request on a large snapshot.
-        self._all_live_until = min((s.expires_at for s in sessions if s.expires_at is not None),
-                                   default=math.inf)
+        self._all_live_until = all_live_until if all_live_until is not None else min(
+            (s.expires_at for s in sessions if s.expires_at is not None), default=math.inf)
 
     @property
     def services(self) -> tuple[str, ...]:
@@ -405,6 +409,96 @@ class Snapshot:
             out.append({"session": entry.session.id, "priority": entry.route.priority, "result": result})
         return out
 
+    def with_changes(self, upserted: Iterable[Session], removed: Iterable[str], version: str,
+                     limits: RuleLimits | None = None) -> Snapshot:
+        """A new snapshot with sessions added, replaced (same id) or removed.
+
+        Costs O(changed), not O(all sessions): tables of services no change touches are
+        shared with this snapshot, and conflicts are checked against the keyed tables, which
+        are the (key, service) claims. Raises ``ValidationError`` (and builds nothing) when a
+        session claims a (key, service) that another one holds, or the limit is exceeded.
+        This snapshot is not modified.
+        """
+        limits = limits or RuleLimits()
+        upserted = list(upserted)
+        by_id = dict(self._by_id)
+        changed = {s.id for s in upserted}
+        changed.update(removed)
+        services: dict[str, _ServiceTable] = dict(self._services)
+        copied: set[str] = set()
+        filter_services: set[str] = set()
+
+        def table_for(service: str) -> _ServiceTable:
+            if service not in copied:
+                old = services.get(service)
+                table = _ServiceTable()
+                if old is not None:
+                    table.keyed = dict(old.keyed)
+                    table.filters = old.filters
+                services[service] = table
+                copied.add(service)
+            return services[service]
+
+        live_until = self._all_live_until
+        for sid in changed:
+            old_session = by_id.pop(sid, None)
+            if old_session is None:
+                continue
+            if old_session.expires_at is not None and old_session.expires_at <= live_until:
+                live_until = -math.inf  # the earliest expiry may be gone: recompute below
+            for route in old_session.routes:
+                table = table_for(route.service)
+                if old_session.key is None:
+                    filter_services.add(route.service)
+                elif (entry := table.keyed.get(old_session.key)) is not None and entry.session.id == sid:
+                    del table.keyed[old_session.key]
+        problems: list[Problem] = []
+        for session in upserted:
+            by_id[session.id] = session
+            if session.expires_at is not None and live_until != -math.inf:
+                live_until = min(live_until, session.expires_at)
+            for j, route in enumerate(session.routes):
+                table = table_for(route.service)
+                if session.key is None:
+                    filter_services.add(route.service)
+                    continue
+                holder = table.keyed.get(session.key)
+                if holder is not None and holder.session.id != session.id:
+                    problems.append(Problem(f"session {session.id}.routes[{j}]",
+                                            f"key {session.key!r} for service {route.service!r} is already claimed "
+                                            f"by session {holder.session.id!r}"))
+                    continue
+                table.keyed[session.key] = _Entry(session, route)
+        if len(by_id) > limits.max_sessions:
+            problems.append(Problem("sessions", f"{len(by_id)} sessions exceed the limit of {limits.max_sessions}"))
+        if problems:
+            raise ValidationError(problems)
+        warnings = dict(self._warnings_by_service)
+        for service in filter_services:
+            entries = self._filter_entries(service, changed, upserted)
+            table = services[service]
+            table.filters = FilterIndex(entries) if entries else None
+            warnings[service] = tuple(_identical_filters(service, table.filters.entries)) if table.filters else ()
+        for service in copied:
+            if not services[service].keyed and services[service].filters is None:
+                del services[service]
+                warnings.pop(service, None)
+        sessions = tuple(by_id.values())
+        if live_until == -math.inf:
+            live_until = min((s.expires_at for s in sessions if s.expires_at is not None), default=math.inf)
+        return Snapshot(version, sessions, self.key_config, services, {k: v for k, v in warnings.items() if v},
+                        self._extractor, live_until)
+
+    def _filter_entries(self, service: str, changed: set[str], upserted: list[Session]) -> list[_Entry]:
+        # The service's filter-only routes after a change: the unchanged ones from the old
+        # index (fresh entries: an index marks its own), plus the upserted ones.
+        old = self._services.get(service)
+        entries = []
+        if old is not None and old.filters is not None:
+            entries = [_Entry(e.session, e.route) for e in old.filters.entries if e.session.id not in changed]
+        entries.extend(_Entry(s, r) for s in upserted if s.key is None for r in s.routes if r.service == service)
+        return entries
+
     def to_dict(self) -> dict[str, Any]:
         """JSON form for ``/config_dump``."""
         return {
@@ -443,11 +537,13 @@ def compile_snapshot(
                 table.keyed[session.key] = entry
             else:
                 filter_entries.setdefault(route.service, []).append(entry)
-    warnings = []
+    warnings: dict[str, tuple[str, ...]] = {}
     for service, entries in filter_entries.items():
-        services[service].filters = FilterIndex(entries)
-        warnings.extend(_identical_filters(service, services[service].filters.entries))  # type: ignore[union-attr]
-    return Snapshot(version, ordered, key_config or KeyConfig(), services, tuple(warnings))
+        index = services[service].filters = FilterIndex(entries)
+        found = _identical_filters(service, index.entries)
+        if found:
+            warnings[service] = tuple(found)
+    return Snapshot(version, ordered, key_config or KeyConfig(), services, warnings)
 
 
 def _identical_filters(service: str, entries: list[_Entry]) -> list[str]:
