@@ -1,11 +1,14 @@
-"""``turnout demo``: labelled upstreams, the proxy in front of them, and requests that show
-each routing case.
+"""``turnout demo``: labelled upstreams, the control plane, the proxy, and requests that
+show each routing case.
 
 It starts a baseline, a sandbox and a mirror-target upstream (each answers with its own
-label), writes a bootstrap file with demo sessions, runs ``turnout proxy`` on it, sends
-one request per routing case through the proxy and prints where each went. Then it
-prints curl lines and the admin URLs and keeps everything running until Ctrl-C (or exits
-at once with ``--once``).
+label), ``turnout control-plane`` with a fresh token, and ``turnout proxy`` with static demo
+sessions and a connection to that control plane. It sends one request per routing case
+through the proxy and prints where each went; then it runs the ``turnout session create``
+line that makes a new key route to the sandbox, shows the next request going there, and
+prints that line, curl lines and the admin URLs. Everything keeps running until Ctrl-C
+(or stops at once with ``--once``). The demo starts its processes as commands; it imports
+neither the control plane nor the proxy.
 """
 
 from __future__ import annotations
@@ -13,23 +16,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, TextIO
 
 import yaml
 
-# Preferred ports, so the printed curl lines are stable; a busy port is replaced by a free one.
-_PORTS = {"proxy": 15001, "admin": 9901, "baseline": 18080, "sandbox": 18081, "mirror": 18082}
+# Preferred ports, so the printed lines are stable; a busy port is replaced by a free one.
+# The control plane's API takes the session commands' default address.
+_PORTS = {"proxy": 15001, "admin": 9901, "baseline": 18181, "sandbox": 18182, "mirror": 18183,
+          "cp_api": 18080, "cp_grpc": 18000}
+LIVE_KEY = "live42"
 
 
-def demo_config(ports: dict[str, int]) -> dict[str, Any]:
-    """The demo's bootstrap configuration."""
-    return {
+def demo_config(ports: dict[str, int], runtime: Path | None = None) -> dict[str, Any]:
+    """The demo's bootstrap configuration (with the control plane when ``runtime`` is given)."""
+    config: dict[str, Any] = {
         "admin": {"address": f"127.0.0.1:{ports['admin']}"},
         "routing": {
             "debug_headers": True,
@@ -55,6 +63,11 @@ def demo_config(ports: dict[str, int]) -> dict[str, Any]:
                          "match": {"http_filter": {"header_filter": "^x-dev: carol"}}}]},
         ],
     }
+    if runtime is not None:
+        config["control_plane"] = {"address": f"127.0.0.1:{ports['cp_grpc']}", "token_file": str(runtime / "token"),
+                                   "node_id": "demo-proxy", "cluster": "demo",
+                                   "state_path": str(runtime / "proxy-state.json")}
+    return config
 
 
 # (method, target, headers, what it shows)
@@ -139,36 +152,52 @@ async def run_demo_async(out: TextIO, once: bool) -> int:
     servers = [await loop.create_server(lambda n=name: _Labelled(n, seen[n]), "127.0.0.1", ports[name])  # type: ignore[misc]
                for name in ("baseline", "sandbox", "mirror")]
     tmp = Path(tempfile.mkdtemp(prefix="turnout-demo-"))
+    token_file = tmp / "token"
+    token_file.write_text(secrets.token_hex(16) + "\n")
     config_path = tmp / "turnout.yaml"
-    config_path.write_text(yaml.safe_dump(demo_config(ports), sort_keys=False))
+    config_path.write_text(yaml.safe_dump(demo_config(ports, tmp), sort_keys=False))
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    log_path = tmp / "proxy.log"
-    with open(log_path, "wb") as log:
-        proxy = await asyncio.create_subprocess_exec(sys.executable, "-m", "dataplane.cli", "proxy", "--config",
-                                                     str(config_path), env=env, stdout=log, stderr=log)
+    children: list[asyncio.subprocess.Process] = []
+    cp_log, proxy_log = tmp / "control-plane.log", tmp / "proxy.log"
+    cp_url = f"http://127.0.0.1:{ports['cp_api']}"
     try:
+        control_plane = await _spawn(children, env, cp_log, "control-plane", "--api", f"127.0.0.1:{ports['cp_api']}",
+                                     "--grpc", f"127.0.0.1:{ports['cp_grpc']}", "--db", str(tmp / "sessions.db"),
+                                     "--token-file", str(token_file), "--id", "demo")
+        if not await _wait_log(cp_log, "api http", control_plane):
+            out.write("turnout demo: the control plane did not start:\n" + cp_log.read_text(errors="replace"))
+            return 1
+        proxy = await _spawn(children, env, proxy_log, "proxy", "--config", str(config_path))
         if not await _wait_ready(ports["admin"], proxy):
-            out.write("turnout demo: the proxy did not become ready:\n" + log_path.read_text(errors="replace"))
+            out.write("turnout demo: the proxy did not become ready:\n" + proxy_log.read_text(errors="replace"))
             return 1
         out.write(f"turnout demo: proxy on 127.0.0.1:{ports['proxy']} fronting service 'users'\n"
                   f"  baseline 127.0.0.1:{ports['baseline']}, sandbox 127.0.0.1:{ports['sandbox']}, "
-                  f"mirror target 127.0.0.1:{ports['mirror']}\n  config {config_path}, proxy log {log_path}\n\n")
+                  f"mirror target 127.0.0.1:{ports['mirror']}\n"
+                  f"  control plane {cp_url} (gRPC 127.0.0.1:{ports['cp_grpc']}), token in {token_file}\n"
+                  f"  config {config_path}, logs in {tmp}\n\n")
         rows = [("REQUEST", "STATUS", "SERVED BY", "ROUTE", "WHY")]
         for method, target, headers, why in DEMO_REQUESTS:
             status, served, route = await _request(ports["proxy"], method, target, headers)
             shown = " ".join([method, target, *(f"[{k}: {v}]" for k, v in headers)])
             rows.append((shown, str(status), served, route, why))
         await asyncio.sleep(0.2)  # let the mirrored copy land
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        for row in rows:
-            out.write("  ".join(c.ljust(widths[i]) for i, c in enumerate(row[:4])) + "  " + row[4] + "\n")
+        _table(out, rows)
         out.write(f"\nThe mirror target received {len(seen['mirror'])} copy(ies): {seen['mirror']}\n")
+        if not await _live_session(out, env, ports, cp_url, token_file):
+            return 1
         p, a = ports["proxy"], ports["admin"]
         out.write(
             "\nTry it:\n"
             f"  curl -i http://127.0.0.1:{p}/api/users\n"
             f"  curl -i -H 'baggage: turnout-session=abc123' http://127.0.0.1:{p}/api/users\n"
+            f"  curl -i -H 'baggage: turnout-session={LIVE_KEY}' http://127.0.0.1:{p}/api/users\n"
             f"  curl -i -H 'baggage: turnout-session=agent7' -d '{{}}' http://127.0.0.1:{p}/api/users\n"
+            "Sessions (the control plane pushes each change to the proxy):\n"
+            f"  export TURNOUT_CONTROL_PLANE={cp_url} TURNOUT_TOKEN=$(cat {token_file})\n"
+            "  turnout session list; turnout status\n"
+            f"  turnout session create --key mine --route users=127.0.0.1:{ports['sandbox']} --ttl 30m\n"
+            "  turnout session delete live-1\n"
             "Admin:\n"
             f"  http://127.0.0.1:{a}/ready  /healthz  /metrics  /config_dump\n"
             f"  http://127.0.0.1:{a}/explain?service=users&header=baggage:turnout-session%3Dabc123\n"
@@ -183,18 +212,76 @@ async def run_demo_async(out: TextIO, once: bool) -> int:
         await stop.wait()
         return 0
     finally:
-        if proxy.returncode is None:
-            proxy.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proxy.wait(), 30)
-            except TimeoutError:
-                proxy.kill()
-                await proxy.wait()
+        for child in reversed(children):
+            await _stop(child)
         for server in servers:
             server.close()
         shutil.rmtree(tmp, ignore_errors=True)
         out.write("turnout demo: stopped\n")
         out.flush()
+
+
+async def _live_session(out: TextIO, env: dict[str, str], ports: dict[str, int], cp_url: str,
+                        token_file: Path) -> bool:
+    """Create a session through the control plane and show the proxy routing it."""
+    args = ["session", "create", "--id", "live-1", "--key", LIVE_KEY, "--route", f"users=127.0.0.1:{ports['sandbox']}",
+            "--ttl", "1h", "--owner", "demo", "--control-plane", cp_url, "--token-file", str(token_file)]
+    out.write("\nA session from the control plane: the demo runs\n  turnout " + " ".join(args) + "\n")
+    create = await asyncio.create_subprocess_exec(sys.executable, "-m", "turnout.cli", *args, env=env,
+                                                  stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    printed, _ = await asyncio.wait_for(create.communicate(), 30)
+    created = time.monotonic()
+    out.write("".join("  | " + line + "\n" for line in printed.decode(errors="replace").splitlines()))
+    if create.returncode != 0:
+        out.write("turnout demo: session create failed\n")
+        return False
+    headers = [("baggage", "turnout-session=" + LIVE_KEY)]
+    served, route, status = "-", "-", 0
+    while time.monotonic() - created < 10:
+        status, served, route = await _request(ports["proxy"], "GET", "/api/users", headers)
+        if served == "sandbox":
+            break
+        await asyncio.sleep(0.01)
+    elapsed_ms = (time.monotonic() - created) * 1000
+    _table(out, [("REQUEST", "STATUS", "SERVED BY", "ROUTE", "WHY"),
+                 (f"GET /api/users [baggage: turnout-session={LIVE_KEY}]", str(status), served, route,
+                  f"pushed by the control plane; routed {elapsed_ms:.0f} ms after the create returned")])
+    return served == "sandbox"
+
+
+def _table(out: TextIO, rows: list[tuple[str, str, str, str, str]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for row in rows:
+        out.write("  ".join(c.ljust(widths[i]) for i, c in enumerate(row[:4])) + "  " + row[4] + "\n")
+
+
+async def _spawn(children: list[asyncio.subprocess.Process], env: dict[str, str], log_path: Path,
+                 *args: str) -> asyncio.subprocess.Process:
+    with open(log_path, "wb") as log:
+        child = await asyncio.create_subprocess_exec(sys.executable, "-m", "turnout.cli", *args, env=env, stdout=log,
+                                                     stderr=log)
+    children.append(child)
+    return child
+
+
+async def _stop(child: asyncio.subprocess.Process) -> None:
+    if child.returncode is None:
+        child.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(child.wait(), 30)
+        except TimeoutError:
+            child.kill()
+            await child.wait()
+
+
+async def _wait_log(path: Path, text: str, child: asyncio.subprocess.Process) -> bool:
+    for _ in range(400):  # 20 s
+        if child.returncode is not None:
+            return False
+        if text in path.read_text(errors="replace"):
+            return True
+        await asyncio.sleep(0.05)
+    return False
 
 
 async def _wait_ready(admin_port: int, proxy: asyncio.subprocess.Process) -> bool:

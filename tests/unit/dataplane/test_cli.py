@@ -22,6 +22,10 @@ def test_demo_routes_real_requests_through_the_proxy() -> None:
     assert any("agent7" in line and "baseline" in line and "agent-7" in line for line in lines)
     assert any("turnout-session=nope" in line and "baseline" in line for line in lines)
     assert "The mirror target received 1 copy(ies): ['POST /api/users HTTP/1.1']" in result.stdout
+    # The control plane part: the printed create line ran, and the next request used the session.
+    assert "turnout session create --id live-1 --key live42 --route users=127.0.0.1:" in result.stdout
+    assert any("turnout-session=live42" in line and "sandbox" in line and "live-1" in line
+               and "pushed by the control plane" in line for line in lines)
     assert "turnout demo: stopped" in result.stdout
 
 
