@@ -240,7 +240,7 @@ class Downstream(asyncio.Protocol):
         limits = state.limits
         buf = self._buf
         try:
-            pos = skip_leading_crlf(buf, 0)
+            pos = skip_leading_crlf(buf, 0) if buf.startswith(b"\r\n") else 0
             end = find_head_end(buf, pos, limits.max_head_bytes, "request", limits.max_request_line_bytes)
             if end == -1:
                 if pos:
@@ -281,9 +281,12 @@ class Downstream(asyncio.Protocol):
         if not plan.authority:
             # HTTP/1.0 without Host: the upstream request is HTTP/1.1, which requires one.
             plan.authority = str(baseline).encode("latin-1")
-            plan.headers.append((b"host", plan.authority))
-        by_name = dict(plan.headers)
-        fields = by_name if len(by_name) == len(plan.headers) else None  # None: a name repeats
+            plan.headers = [*plan.headers, (b"host", plan.authority)]
+            plan.fields = None
+        fields = plan.fields
+        if fields is None:
+            by_name = dict(plan.headers)
+            fields = by_name if len(by_name) == len(plan.headers) else None  # None: a name repeats
         head = RequestHead(plan.method.decode("latin-1"), plan.target.decode("latin-1"),
                            _joined(plan.headers, fields))
         snapshot = state.snapshot  # a request keeps the snapshot it started with
@@ -676,21 +679,23 @@ class Exchange(UpstreamUser):
         # Held until the first body bytes (or the end, or the end of this upstream read),
         # so a small response leaves in one write instead of two.
         self._held_head = head
-        conn._set_deadline(state.limits.body_idle_timeout_s)
 
     def flush_response_head(self) -> None:
-        """Send a held response head now (the body is not here yet)."""
+        """Send a held response head now; the rest of the body is awaited from now on."""
         held = self._held_head
         if held is not None:
             self._held_head = None
             self.conn.write(held)
+        if not self.finished:
+            self.conn._set_deadline(self.state.limits.body_idle_timeout_s)
 
     def on_response_data(self, data: bytes) -> None:
         """Stream response body bytes to the client."""
         self.bytes_out += len(data)
         held = self._held_head
         if held is not None:
-            # The head arrived in this same upstream read, which set the body deadline.
+            # The head arrived in this same upstream read: flush_response_head sets the
+            # body deadline at its end, unless the response is complete by then.
             self._held_head = None
             if self._client_chunked:
                 self.conn.writelines((held, *chunk(data)))

@@ -328,7 +328,8 @@ class Pool:
         idle = self._idle.get((address.host, address.port))
         while idle:
             conn = idle.pop()
-            if conn.open:
+            transport = conn.transport
+            if conn._phase != _CLOSED and transport is not None and not transport.is_closing():  # conn.open
                 conn.reused = True
                 return conn
         return None

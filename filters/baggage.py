@@ -47,6 +47,8 @@ _MEMBER_RE = re.compile(
     rf"[ \t]*({_TOKEN})[ \t]*=[ \t]*({_OCTETS})[ \t]*(;.*)?", re.DOTALL
 )
 _PROPERTY_RE = re.compile(rf"[ \t]*({_TOKEN})[ \t]*(?:=[ \t]*({_OCTETS})[ \t]*)?")
+_TOKEN_RE = re.compile(_TOKEN)
+_OCTETS_RE = re.compile(_OCTETS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +142,7 @@ class MemberExtractor:
     each configured key, then the full grammar check on that one member only.
     """
 
-    __slots__ = ("_keys", "_max_members", "_max_bytes")
+    __slots__ = ("_keys", "_max_members", "_max_bytes", "_token_keys")
 
     def __init__(
         self,
@@ -151,6 +153,9 @@ class MemberExtractor:
         self._keys = tuple(keys)
         self._max_members = max_members
         self._max_bytes = max_bytes
+        # Keys a member can have at all; for these a bare "key=value" member is read
+        # without the full member grammar.
+        self._token_keys = frozenset(k for k in self._keys if _TOKEN_RE.fullmatch(k))
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -163,7 +168,7 @@ class MemberExtractor:
             for key in self._keys:
                 if key not in header:  # the common case for aliases: one C-level scan
                     continue
-                value = self._last_value(header, key)
+                value = self._last_value(header, key, key in self._token_keys)
                 if value is _GIVE_UP:
                     break
                 if value is not None:
@@ -179,7 +184,7 @@ class MemberExtractor:
         return None
 
     @staticmethod
-    def _last_value(header: str, key: str) -> str | None:
+    def _last_value(header: str, key: str, token: bool = False) -> str | None:
         if not key:
             # No member has an empty key (a token is 1+ characters), and the backwards
             # search below would never end: rfind("", 0, -1) finds the last position again.
@@ -192,6 +197,12 @@ class MemberExtractor:
             start = header.rfind(",", 0, pos) + 1
             if start == pos or not header[start:pos].strip(_OWS):
                 end = header.find(",", pos)
+                if token and start == pos and header[pos + klen : pos + klen + 1] == "=":
+                    # The usual member, "key=value" with nothing around: the grammar below
+                    # matches it exactly when the value is only baggage-octets.
+                    raw = header[pos + klen + 1 :] if end == -1 else header[pos + klen + 1 : end]
+                    if _OCTETS_RE.fullmatch(raw) is not None:
+                        return unquote(raw, errors="replace") if "%" in raw else raw
                 m = _match_member(header[start:] if end == -1 else header[start:end])
                 # The token must be exactly the key: "keyx=" or "key;" is another member.
                 if m is not None and m.group(1) == key:

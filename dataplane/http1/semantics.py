@@ -37,11 +37,11 @@ class RequestPlan:
     """A validated request: how to frame and route it and what to forward."""
 
     __slots__ = ("method", "target", "version", "authority", "headers", "body", "content_length",
-                 "keep_alive", "expect_continue", "websocket")
+                 "keep_alive", "expect_continue", "websocket", "fields")
 
     def __init__(self, method: bytes, target: bytes, version: bytes, authority: bytes,
                  headers: list[tuple[bytes, bytes]], body: int, content_length: int, keep_alive: bool,
-                 expect_continue: bool, websocket: bool) -> None:
+                 expect_continue: bool, websocket: bool, fields: dict[bytes, bytes] | None = None) -> None:
         self.method = method
         self.target = target  # origin-form
         self.version = version
@@ -52,6 +52,7 @@ class RequestPlan:
         self.keep_alive = keep_alive
         self.expect_continue = expect_continue
         self.websocket = websocket
+        self.fields = fields  # ``headers`` by name when no name repeats and they were kept as parsed, else None
 
 
 class ResponsePlan:
@@ -70,7 +71,14 @@ class ResponsePlan:
 
 
 def _tokens(value: bytes) -> list[bytes]:
+    single = _SINGLE_TOKENS.get(value)
+    if single is not None:
+        return [single]
     return [t.strip(b" \t").lower() for t in value.split(b",") if t.strip(b" \t")]
+
+
+# Connection values nearly every message carries, as they are spelled in practice.
+_SINGLE_TOKENS = {v: v.lower() for v in (b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade")}
 
 
 def _bad(reason: str, cause: str = "bad_request") -> HttpError:
@@ -158,9 +166,15 @@ def plan_request(head: RequestHead1) -> RequestPlan:
     )
     keep_alive = b"close" not in connection if version == b"1.1" else b"keep-alive" in connection
     drop = _NOT_FORWARDED.union(connection) if connection else _NOT_FORWARDED
+    forwarded_fields = None
     if absolute_authority is None:
         # Host, when present, already is the authority.
-        forward = headers if fields.keys().isdisjoint(drop) else [f for f in headers if f[0] not in drop]
+        if fields.keys().isdisjoint(drop):
+            forward = headers
+            if len(fields) == len(headers):
+                forwarded_fields = fields
+        else:
+            forward = [f for f in headers if f[0] not in drop]
     else:
         forward = [(name, authority if name == b"host" else value) for name, value in headers if name not in drop]
     if absolute_authority is not None and not hosts:
@@ -171,7 +185,7 @@ def plan_request(head: RequestHead1) -> RequestPlan:
     if expect_continue:
         forward.append((b"expect", b"100-continue"))
     return RequestPlan(method, target, version, authority, forward, body, content_length, keep_alive,
-                       expect_continue, websocket)
+                       expect_continue, websocket, forwarded_fields)
 
 
 def _absolute_form(target: bytes) -> tuple[bytes, bytes]:
@@ -225,8 +239,7 @@ def plan_response(head: ResponseHead1, request_method: bytes) -> ResponsePlan:
     codings: list[bytes] = []
     connection: list[bytes] = []
     lines = []
-    # One pass: classify and format. Fields a Connection header names are removed after
-    # it (rare: it needs a second pass).
+    # One pass: classify and format.
     for name, value in head.headers:
         if name in _FRAMING_OR_HOP:
             if name == b"content-length":
@@ -238,6 +251,7 @@ def plan_response(head: ResponseHead1, request_method: bytes) -> ResponsePlan:
                     connection.extend(_tokens(value))
                 continue
         lines.append(name + b": " + value + b"\r\n")
+    block = b"".join(lines)
     status = head.status
     if codings and lengths:
         raise HttpError(502, "upstream sent both Content-Length and Transfer-Encoding", "upstream_bad_framing")
@@ -259,9 +273,10 @@ def plan_response(head: ResponseHead1, request_method: bytes) -> ResponsePlan:
         body = BODY_UNTIL_CLOSE
         keep_alive = False
     if connection and not _CONNECTION_OPTIONS.issuperset(connection):
+        # Fields the Connection header names are removed too (rare: a second pass).
         drop = HOP_BY_HOP.union(connection)
-        lines = [n + b": " + v + b"\r\n" for n, v in head.headers if n not in drop]
-    return ResponsePlan(status, head.reason, b"".join(lines), body, content_length, keep_alive)
+        block = b"".join([n + b": " + v + b"\r\n" for n, v in head.headers if n not in drop])
+    return ResponsePlan(status, head.reason, block, body, content_length, keep_alive)
 
 
 def field_lines(fields: list[tuple[bytes, bytes]]) -> bytes:
