@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from dataplane import inject
 from dataplane.demo import explain_config, run_demo
 from dataplane.rules import load_yaml, snapshot_from_config
 from filters import RequestHead, ValidationError
@@ -26,7 +27,7 @@ def _header(text: str) -> tuple[str, str]:
 
 
 def add_commands(sub: Any) -> None:
-    """Add the data plane's subcommands (proxy, check-config, demo, explain) to ``sub``."""
+    """Add the data plane's subcommands (proxy, check-config, demo, explain, inject) to ``sub``."""
     proxy = sub.add_parser(
         "proxy", help="run the proxy",
         description="Run the routing proxy: a supervisor, N worker processes sharing each listener port "
@@ -67,6 +68,8 @@ def add_commands(sub: Any) -> None:
     explain.add_argument("--header", "-H", action="append", type=_header, default=[], metavar="'NAME: VALUE'",
                          help="a request header; repeat for more")
     explain.set_defaults(func=_cmd_explain)
+
+    inject.add_command(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
