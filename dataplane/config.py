@@ -7,6 +7,7 @@ comment saying where the default comes from.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import socket
 import time
@@ -134,6 +135,23 @@ class ControlPlane:
 
 
 @dataclass(frozen=True)
+class Tracing:
+    """Optional OpenTelemetry spans, one per proxied request; absent: no tracing and no cost."""
+
+    sampling_ratio: float = 1.0  # by trace id, so every hop with the same ratio keeps the same traces
+    exporter: str = "otlp"  # otlp (gRPC, needs its package) | console (JSON lines) | memory (tests)
+    endpoint: str | None = None  # otlp: the collector; None: the exporter's default (OTEL_* env, localhost)
+    path: str = "-"  # console: file spans are appended to, one JSON object a line; '-' for standard output
+    service_name: str = "turnout"
+
+
+# The OTLP exporter is optional (not a dependency): a config that asks for it is refused
+# with the package to install rather than failing in every worker.
+OTLP_EXPORTER_MODULE = "opentelemetry.exporter.otlp.proto.grpc.trace_exporter"
+OTLP_EXPORTER_PACKAGE = "opentelemetry-exporter-otlp-proto-grpc"
+
+
+@dataclass(frozen=True)
 class ProxyConfig:
     """The whole validated bootstrap configuration."""
 
@@ -145,6 +163,7 @@ class ProxyConfig:
     access_log: AccessLog | None = None
     control_plane: ControlPlane | None = None
     source: Mapping[str, Any] = field(default_factory=dict)
+    tracing: Tracing | None = None
 
     def node_id(self) -> str:
         """The id this proxy gives the control plane (stable across restarts)."""
@@ -172,7 +191,9 @@ class ProxyConfig:
 DEFAULT_STATE_DIR = "/var/lib/turnout"
 
 
-TOP_FIELDS = frozenset({"admin", "routing", "listeners", "sessions", "limits", "access_log", "control_plane"})
+TOP_FIELDS = frozenset({"admin", "routing", "listeners", "sessions", "limits", "access_log", "control_plane",
+                        "tracing"})
+TRACING_FIELDS = frozenset({"sampling_ratio", "exporter", "endpoint", "path", "service_name"})
 CONTROL_PLANE_FIELDS = frozenset({"address", "protocol", "token_file", "tls", "node_id", "cluster", "state_path"})
 LISTENER_FIELDS = frozenset({"name", "address", "mode", "service", "baseline", "authorities"})
 
@@ -219,6 +240,7 @@ def parse_config(data: Mapping[str, Any], now: float | None = None) -> ProxyConf
             problems.append(Problem("routing.debug_headers", "must be true or false"))
             debug_headers = False
     control_plane = _control_plane(data.get("control_plane"), problems)
+    tracing = _tracing(data.get("tracing"), problems)
     snapshot = None
     try:
         snapshot = snapshot_from_config(data, version="bootstrap", now=time.time() if now is None else now)
@@ -226,7 +248,7 @@ def parse_config(data: Mapping[str, Any], now: float | None = None) -> ProxyConf
         problems.extend(exc.problems)
     if problems or snapshot is None:
         raise ConfigError(problems)
-    return ProxyConfig(admin, listeners, limits, snapshot, debug_headers, access_log, control_plane, data)
+    return ProxyConfig(admin, listeners, limits, snapshot, debug_headers, access_log, control_plane, data, tracing)
 
 
 def _address(value: Any, where: str, problems: list[Problem]) -> Address | None:
@@ -279,6 +301,49 @@ def _control_plane(spec: Any, problems: list[Problem]) -> ControlPlane | None:
         return None
     return ControlPlane(str(address), str(protocol), strings["token_file"], bool(tls), ca_file, server_name,
                         strings["node_id"] or "", strings["cluster"] or "", state_path)
+
+
+def _tracing(spec: Any, problems: list[Problem]) -> Tracing | None:
+    if spec is None:
+        return None
+    where = "tracing"
+    if not isinstance(spec, Mapping):
+        problems.append(Problem(where, "must be a mapping (sampling_ratio, exporter, endpoint, path, service_name)"))
+        return None
+    before = len(problems)
+    unknown = set(spec) - TRACING_FIELDS
+    if unknown:
+        problems.append(Problem(where, "unknown field(s): " + ", ".join(sorted(map(str, unknown)))))
+    ratio = spec.get("sampling_ratio", 1.0)
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 <= ratio <= 1:
+        problems.append(Problem(where + ".sampling_ratio", "must be a number from 0 to 1"))
+    exporter = spec.get("exporter", "otlp")
+    if exporter not in ("otlp", "console", "memory"):
+        problems.append(Problem(where + ".exporter", "must be otlp, console or memory (memory: tests only)"))
+    elif exporter == "otlp" and not _importable(OTLP_EXPORTER_MODULE):
+        problems.append(Problem(where + ".exporter", f"otlp needs the package {OTLP_EXPORTER_PACKAGE}, which is "
+                                f"not installed: pip install {OTLP_EXPORTER_PACKAGE} (or use exporter: console)"))
+    strings: dict[str, str | None] = {}
+    for name in ("endpoint", "path", "service_name"):
+        value = spec.get(name)
+        if value is not None and (not isinstance(value, str) or not value):
+            problems.append(Problem(f"{where}.{name}", "must be a non-empty string"))
+        strings[name] = value
+    if strings["endpoint"] is not None and exporter != "otlp":
+        problems.append(Problem(where + ".endpoint", "only the otlp exporter sends to an endpoint"))
+    if strings["path"] is not None and exporter != "console":
+        problems.append(Problem(where + ".path", "only the console exporter writes to a file"))
+    if len(problems) != before:
+        return None
+    return Tracing(float(ratio), str(exporter), strings["endpoint"], strings["path"] or "-",
+                   strings["service_name"] or "turnout")
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # a parent package is missing
+        return False
 
 
 def _listeners(spec: Any, problems: list[Problem]) -> tuple[Listener, ...]:

@@ -16,7 +16,7 @@ import socket
 import sys
 import time
 from collections.abc import Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dataplane.accesslog import AccessLog
 from dataplane.admin import Response, json_response, serve_connection, text_response
@@ -30,6 +30,9 @@ from dataplane.rules import compose_snapshot, rule_limits
 from dataplane.statefile import PushedState, load_state
 from dataplane.upstream import Pool
 from filters import Problem, RequestHead, Snapshot, ValidationError, parse_session
+
+if TYPE_CHECKING:
+    from dataplane.tracing import RequestTracer
 
 
 class WorkerState:
@@ -61,6 +64,7 @@ class WorkerState:
         self.access_log = AccessLog(config.access_log.path, worker) if config.access_log else None
         self.date_header = b""
         self.loaded_at = time.time()
+        self.tracer: RequestTracer | None = None  # built by _apply only when the config asks for tracing
         self._tasks: set[asyncio.Task[Any]] = set()
         self._drained = asyncio.Event()
         self._apply(config)
@@ -75,6 +79,17 @@ class WorkerState:
         self.debug_headers = config.debug_headers
         baggage = [s for s in config.snapshot.key_config.sources if s.kind == "baggage"]
         self.propagate_member = (baggage[0].names[0] if baggage else "turnout-session").encode()
+        if config.tracing != (self.tracer.config if self.tracer is not None else None):
+            if self.tracer is not None:
+                self.tracer.shutdown()
+                self.tracer = None
+            if config.tracing is not None:
+                from dataplane.tracing import RequestTracer  # the SDK loads only when tracing is on
+
+                try:
+                    self.tracer = RequestTracer(config.tracing, f"{config.node_id()}/{self.worker}")
+                except OSError as exc:  # e.g. the console exporter's file: serve untraced rather than not at all
+                    sys.stderr.write(f"turnout worker {self.worker}: tracing off, cannot open its output: {exc}\n")
         self._swap(snapshot)
 
     def _swap(self, snapshot: Snapshot) -> None:
@@ -119,9 +134,12 @@ class WorkerState:
         task.add_done_callback(self._tasks.discard)
 
     def request_finished(self, exchange: Exchange) -> None:
-        """Metrics and the access log for one finished request."""
-        seconds = self.clock() - exchange.started_at
+        """Metrics, the access log and the trace span for one finished request."""
+        ended_at = self.clock()
+        seconds = ended_at - exchange.started_at
         self.metrics.request(exchange.service, exchange.route_kind, exchange.status, seconds)
+        if self.tracer is not None:
+            self.tracer.finished(exchange, ended_at)
         if self.access_log is not None:
             plan = exchange.plan
             self.access_log.record(
