@@ -105,8 +105,9 @@ class ProxyRecord:
         # The response awaiting an answer: nonce, version, and for delta what it changes.
         self.pending_nonce = ""
         self.pending_version = ""
-        self.pending_has: dict[str, str] | None = None
-        self.pending_names: tuple[str, ...] = ()  # sessions the response in flight adds, changes or removes
+        # What the response in flight changes for the proxy: session id -> new version, or
+        # None for a removal. Applied to ``has`` on ACK; kept small (O(changed)) for delta.
+        self.pending_changes: dict[str, str | None] = {}
         self.pending_since = 0.0
         # Session ids changed since the last response (delta), or "something changed" (sotw).
         self.dirty: set[str] = set()
@@ -202,7 +203,7 @@ class PushService(config_pb2_grpc.SessionDiscoveryServicer):
                     record.dirty.add(stored.session.id)
                     touched = True
             for session_id in change.removed:
-                if session_id in record.has or (record.pending_has is not None and session_id in record.pending_has):
+                if session_id in record.has or session_id in record.pending_changes:
                     record.dirty.add(session_id)
                     touched = True
                 if record.rejected.pop(session_id, None) is not None:
@@ -291,27 +292,29 @@ class PushService(config_pb2_grpc.SessionDiscoveryServicer):
             self._answers.labels("nack").inc()
             record.last_nack = {"nonce": record.pending_nonce, "version": record.pending_version,
                                 "message": request.error_detail.message, "at": now}
-            pending = record.pending_has or {}
-            for name in record.pending_names:
-                if name in pending:
-                    record.rejected[name] = pending[name]
+            for name, version in record.pending_changes.items():
+                if version is not None:
+                    record.rejected[name] = version
         else:
             self._answers.labels("ack").inc()
             record.acked_version = record.pending_version
             record.acked_at = now
-            if record.pending_has is not None:
-                record.has = record.pending_has
+            has = record.has
+            for name, version in record.pending_changes.items():
+                if version is None:
+                    has.pop(name, None)
+                else:
+                    has[name] = version
             if record.protocol == "sotw":
                 record.rejected.clear()  # the proxy took the whole set
             else:
-                for name in record.pending_names:
+                for name in record.pending_changes:
                     record.rejected.pop(name, None)
             if not record.rejected:
                 record.last_nack = None
         record.pending_nonce = ""
         record.pending_version = ""
-        record.pending_has = None
-        record.pending_names = ()
+        record.pending_changes = {}
         record.wake.set()
 
     def _start(self, record: ProxyRecord) -> tuple[str, str]:
@@ -337,8 +340,9 @@ class PushService(config_pb2_grpc.SessionDiscoveryServicer):
                 continue
             has[session_id] = str(stored.revision)
             response.resources.add(name=session_id, version=has[session_id], session=msg)
-        record.pending_has = has
-        record.pending_names = tuple(sid for sid, version in has.items() if record.has.get(sid) != version)
+        changes: dict[str, str | None] = {sid: v for sid, v in has.items() if record.has.get(sid) != v}
+        changes.update((sid, None) for sid in record.has if sid not in has)
+        record.pending_changes = changes
         return response
 
     def _build_delta(self, record: ProxyRecord) -> config_pb2.DeltaDiscoveryResponse:
@@ -348,24 +352,24 @@ class PushService(config_pb2_grpc.SessionDiscoveryServicer):
                                                      control_plane_id=self.control_plane_id)
         current = self.store.all()
         services = record.route_filter()
-        has = dict(record.has)
+        has = record.has  # read only: the changes apply on ACK
         if first:
             # A new stream: compare everything with what the proxy said it has.
             names: Collection[str] = set(current) | set(has)
         else:
             names = record.dirty
+        changes: dict[str, str | None] = {}
         for session_id in sorted(names):
             stored = current.get(session_id)
             msg = None if stored is None else session_to_proto(stored.session, services)
             if msg is not None and stored is not None:
                 session_version = str(stored.revision)
                 if has.get(session_id) != session_version:
-                    has[session_id] = session_version
+                    changes[session_id] = session_version
                     response.resources.add(name=session_id, version=session_version, session=msg)
             elif session_id in has:
-                del has[session_id]
+                changes[session_id] = None
                 response.removed_resources.append(session_id)
         record.dirty = set()
-        record.pending_has = has
-        record.pending_names = (*(r.name for r in response.resources), *response.removed_resources)
+        record.pending_changes = changes
         return response
