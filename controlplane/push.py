@@ -167,6 +167,8 @@ class PushService(config_pb2_grpc.SessionDiscoveryServicer):
         self._records: dict[str, ProxyRecord] = {}
         self._live: set[ProxyRecord] = set()
         self._nonces = itertools.count(1)
+        # Built messages for state-of-the-world pushes: subscription -> id -> (revision, resource).
+        self._sotw_cache: dict[frozenset[str] | None, dict[str, tuple[int, config_pb2.Resource | None]]] = {}
         registry = registry if registry is not None else CollectorRegistry()
         self._connected = Gauge("turnout_cp_proxies_connected", "Proxies with an open config stream",
                                 registry=registry)
@@ -196,6 +198,9 @@ class PushService(config_pb2_grpc.SessionDiscoveryServicer):
 
     def _on_change(self, change: ChangeLike) -> None:
         # Runs synchronously after each store commit: mark what each live proxy must hear.
+        for cache in self._sotw_cache.values():
+            for session_id in change.removed:
+                cache.pop(session_id, None)
         for record in self._live:
             touched = False
             for stored in change.upserted:
@@ -334,12 +339,22 @@ class PushService(config_pb2_grpc.SessionDiscoveryServicer):
                                                 control_plane_id=self.control_plane_id)
         services = record.route_filter()
         has: dict[str, str] = {}
+        # Each session's message is built once per revision and subscription, not once per
+        # push: a state-of-the-world push re-sends thousands of unchanged sessions.
+        key = None if services is None else frozenset(services)
+        cache = self._sotw_cache.setdefault(key, {})
+        resources = []
         for session_id, stored in self.store.all().items():
-            msg = session_to_proto(stored.session, services)
-            if msg is None:
-                continue
-            has[session_id] = str(stored.revision)
-            response.resources.add(name=session_id, version=has[session_id], session=msg)
+            cached = cache.get(session_id)
+            if cached is None or cached[0] != stored.revision:
+                msg = session_to_proto(stored.session, services)
+                resource = None if msg is None else config_pb2.Resource(
+                    name=session_id, version=str(stored.revision), session=msg)
+                cached = cache[session_id] = (stored.revision, resource)
+            if cached[1] is not None:
+                has[session_id] = cached[1].version
+                resources.append(cached[1])
+        response.resources.extend(resources)
         changes: dict[str, str | None] = {sid: v for sid, v in has.items() if record.has.get(sid) != v}
         changes.update((sid, None) for sid in record.has if sid not in has)
         record.pending_changes = changes
