@@ -16,6 +16,7 @@ import os
 import random
 import sys
 import time
+import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import metadata
@@ -191,7 +192,10 @@ class ConfigChannel:
                 got_response = got_response or self.status.state == "connected"
                 self._failed(_rpc_error(exc))
             except OSError as exc:
-                self._failed(f"cannot read the token file: {exc.strerror}")
+                self._failed(f"cannot read {exc.filename or 'a credentials file'}: {exc.strerror}")
+            except Exception as exc:  # a bug here must not end the channel for good: log, reconnect
+                self._log("config channel error: " + "".join(traceback.format_exception(exc)).rstrip())
+                self._failed(f"internal error: {type(exc).__name__}: {exc}")
             if got_response:
                 attempt = 0
             # Full jitter (AWS architecture blog): uniform in [0, min(max, base * 2^n)].
