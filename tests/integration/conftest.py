@@ -81,6 +81,17 @@ def stack_config(baseline: str, sandbox: str, mirror: str, dead: int, port: int)
     }
 
 
+@pytest.fixture
+def upstream_pair() -> Iterator[tuple[RecordingUpstream, RecordingUpstream]]:
+    """A recording baseline and sandbox, stopped after the test."""
+    baseline, sandbox = RecordingUpstream("baseline"), RecordingUpstream("sandbox")
+    try:
+        yield baseline, sandbox
+    finally:
+        baseline.stop()
+        sandbox.stop()
+
+
 @pytest.fixture(scope="module", params=CODECS)
 def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """The standard stack, once per codec per test module."""

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.cp_support import ControlPlaneProcess, eventually, running_control_plane, start_control_plane
+from tests.integration.cp_support import ControlPlane, eventually, running_control_plane, start_control_plane
 from tests.integration.support import (
     ProxyProcess,
     RecordingUpstream,
@@ -51,9 +51,9 @@ def proxy_config(cp_grpc: str, node_id: str, baseline: str, tmp: Path, protocol:
     }
 
 
-def token_file(tmp: Path, cp: ControlPlaneProcess) -> Path:
+def token_file(tmp: Path, cp: ControlPlane) -> Path:
     path = tmp / "proxy.token"
-    path.write_text(cp.token + "\n")
+    path.write_text(str(cp.token) + "\n")
     return path
 
 
@@ -84,7 +84,7 @@ def session(sid: str, key: str, destination: str, **extra: Any) -> dict[str, Any
 class Fleet:
     """A control plane, two proxies and the upstreams."""
 
-    cp: ControlPlaneProcess
+    cp: ControlPlane
     delta: ProxyProcess
     sotw: ProxyProcess
     baseline: RecordingUpstream
@@ -99,10 +99,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     try:
         with running_control_plane(tmp) as cp:
             tokens = token_file(tmp, cp)
-            with running_proxy(proxy_config(cp.grpc, "proxy-delta", baseline.address, tmp, "delta", tokens, static),
-                               tmp) as delta, \
-                 running_proxy(proxy_config(cp.grpc, "proxy-sotw", baseline.address, tmp, "sotw", tokens, static),
-                               tmp) as sotw:
+            delta_config = proxy_config(cp.grpc_target, "proxy-delta", baseline.address, tmp, "delta", tokens, static)
+            sotw_config = proxy_config(cp.grpc_target, "proxy-sotw", baseline.address, tmp, "sotw", tokens, static)
+            with running_proxy(delta_config, tmp) as delta, running_proxy(sotw_config, tmp) as sotw:
                 yield Fleet(cp, delta, sotw, baseline, sandbox)
     finally:
         baseline.stop()
@@ -242,7 +241,7 @@ def test_control_plane_down_proxies_keep_routing_and_restart_from_the_state_file
     baseline, sandbox = RecordingUpstream("baseline"), RecordingUpstream("sandbox")
     grpc_address = f"127.0.0.1:{free_port()}"
     db = tmp_path / "sessions.db"
-    cp = start_control_plane(tmp_path, db=db, grpc_address=grpc_address)
+    cp = start_control_plane(tmp_path, db=db, grpc=grpc_address)
     proxy = None
     try:
         tokens = token_file(tmp_path, cp)
@@ -266,7 +265,7 @@ def test_control_plane_down_proxies_keep_routing_and_restart_from_the_state_file
         assert dump["control_plane"]["initial_fetch"] == "timed_out"
         assert dump["control_plane"]["state"] != "connected"
 
-        cp = start_control_plane(tmp_path, db=db, grpc_address=grpc_address)  # back, same database
+        cp = start_control_plane(tmp_path, db=db, grpc=grpc_address)  # back, same database
         eventually(lambda: cp.proxies().get("survivor", {}).get("in_sync"))
         cp.delete("lasting")
         eventually(routes(proxy, "k-lasting", "baseline"))
@@ -288,7 +287,7 @@ def test_a_proxy_without_valid_credentials_gets_nothing(tmp_path: Path, token: s
             if token is not None:
                 bad = tmp_path / "bad.token"
                 bad.write_text(token)
-            config = proxy_config(cp.grpc, "intruder", baseline.address, tmp_path, "delta", bad)
+            config = proxy_config(cp.grpc_target, "intruder", baseline.address, tmp_path, "delta", bad)
             with running_proxy(config, tmp_path) as proxy:  # ready once the initial fetch times out
                 status, body = proxy.admin_get("/ready")
                 assert status == 200
@@ -310,11 +309,10 @@ def test_the_push_stream_over_tls(tmp_path: Path) -> None:
                    check=True, capture_output=True, timeout=60)
     baseline, sandbox = RecordingUpstream("baseline"), RecordingUpstream("sandbox")
     try:
-        with running_control_plane(tmp_path, extra=("--tls-cert", str(cert), "--tls-key", str(key)),
-                                   ca_file=cert) as cp:
-            assert cp.api.startswith("https://")
+        with running_control_plane(tmp_path, "--tls-cert", str(cert), "--tls-key", str(key), ca_file=cert) as cp:
+            assert cp.api_url.startswith("https://")
             tokens = token_file(tmp_path, cp)
-            config = proxy_config(cp.grpc, "tls-proxy", baseline.address, tmp_path, "delta", tokens,
+            config = proxy_config(cp.grpc_target, "tls-proxy", baseline.address, tmp_path, "delta", tokens,
                                   tls={"ca_file": str(cert), "server_name": "cp.test"})
             with running_proxy(config, tmp_path) as proxy:
                 dump = json.loads(proxy.admin_get("/config_dump")[1])
@@ -322,7 +320,7 @@ def test_the_push_stream_over_tls(tmp_path: Path) -> None:
                 cp.create(session("over-tls", "k-tls", sandbox.address))
                 eventually(lambda: served_by(proxy, "k-tls") == "sandbox")
             # The same proxy without the CA does not trust the control plane.
-            config = proxy_config(cp.grpc, "no-ca", baseline.address, tmp_path, "delta", tokens, tls=True)
+            config = proxy_config(cp.grpc_target, "no-ca", baseline.address, tmp_path, "delta", tokens, tls=True)
             with running_proxy(config, tmp_path) as proxy:
                 assert served_by(proxy, "k-tls") == "baseline"
                 assert "no-ca" not in cp.proxies()

@@ -9,12 +9,11 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
-import pytest
 
 from tests.integration.cp_support import eventually
 from tests.integration.support import ProxyProcess, RecordingUpstream, running_proxy
@@ -100,16 +99,6 @@ def huge(i: int) -> config_pb2.DeltaDiscoveryResponse:
     return response
 
 
-@pytest.fixture
-def upstreams() -> Iterator[tuple[RecordingUpstream, RecordingUpstream]]:
-    baseline, sandbox = RecordingUpstream("baseline"), RecordingUpstream("sandbox")
-    try:
-        yield baseline, sandbox
-    finally:
-        baseline.stop()
-        sandbox.stop()
-
-
 def rss_mb(proxy: ProxyProcess) -> float:
     """Resident memory of the proxy's supervisor (which holds the config stream)."""
     for line in Path(f"/proc/{proxy.process.pid}/status").read_text().splitlines():
@@ -118,16 +107,16 @@ def rss_mb(proxy: ProxyProcess) -> float:
     raise AssertionError("no VmRSS")
 
 
-def run_script(tmp: Path, upstreams: tuple[RecordingUpstream, RecordingUpstream],
+def run_script(tmp: Path, upstream_pair: tuple[RecordingUpstream, RecordingUpstream],
                script: list[Script]) -> tuple[ScriptedControlPlane, Any]:
     cp = ScriptedControlPlane(script)
-    config = proxy_config(f"127.0.0.1:{cp.port}", "victim", upstreams[0].address, tmp)
+    config = proxy_config(f"127.0.0.1:{cp.port}", "victim", upstream_pair[0].address, tmp)
     return cp, running_proxy(config, tmp)
 
 
 def test_an_invalid_push_is_nacked_with_every_problem_and_nothing_of_it_applies(
-        tmp_path: Path, upstreams: tuple[RecordingUpstream, RecordingUpstream]) -> None:
-    cp, proxy_cm = run_script(tmp_path, upstreams, [good(upstreams[1].address), invalid])
+        tmp_path: Path, upstream_pair: tuple[RecordingUpstream, RecordingUpstream]) -> None:
+    cp, proxy_cm = run_script(tmp_path, upstream_pair, [good(upstream_pair[1].address), invalid])
     try:
         with proxy_cm as proxy:
             eventually(lambda: len(cp.answers) == 2)
@@ -145,8 +134,8 @@ def test_an_invalid_push_is_nacked_with_every_problem_and_nothing_of_it_applies(
 
 
 def test_too_many_sessions_are_refused_without_parsing_them(
-        tmp_path: Path, upstreams: tuple[RecordingUpstream, RecordingUpstream]) -> None:
-    cp, proxy_cm = run_script(tmp_path, upstreams, [good(upstreams[1].address), too_many(100_001)])
+        tmp_path: Path, upstream_pair: tuple[RecordingUpstream, RecordingUpstream]) -> None:
+    cp, proxy_cm = run_script(tmp_path, upstream_pair, [good(upstream_pair[1].address), too_many(100_001)])
     try:
         with proxy_cm as proxy:
             eventually(lambda: len(cp.answers) == 2, timeout_s=30)
@@ -157,8 +146,8 @@ def test_too_many_sessions_are_refused_without_parsing_them(
 
 
 def test_an_oversized_push_is_refused_with_bounded_memory(
-        tmp_path: Path, upstreams: tuple[RecordingUpstream, RecordingUpstream]) -> None:
-    cp, proxy_cm = run_script(tmp_path, upstreams, [good(upstreams[1].address), huge])
+        tmp_path: Path, upstream_pair: tuple[RecordingUpstream, RecordingUpstream]) -> None:
+    cp, proxy_cm = run_script(tmp_path, upstream_pair, [good(upstream_pair[1].address), huge])
     try:
         with proxy_cm as proxy:
             eventually(lambda: served_by(proxy, "k-good") == "sandbox")

@@ -20,7 +20,7 @@ from dataplane.config import OTLP_EXPORTER_MODULE, OTLP_EXPORTER_PACKAGE, parse_
 from dataplane.tracing import RequestTracer
 from dataplane.worker import WorkerState
 from filters import ValidationError, parse_address
-from tests.integration.support import RecordingUpstream, closed_port, free_port, inbound, raw_exchange, running_proxy
+from tests.integration.support import closed_port, free_port, inbound, raw_exchange, running_proxy
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
@@ -55,18 +55,8 @@ def _spans(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-@pytest.fixture
-def upstreams():
-    baseline, sandbox = RecordingUpstream("baseline"), RecordingUpstream("sandbox")
-    try:
-        yield baseline, sandbox
-    finally:
-        baseline.stop()
-        sandbox.stop()
-
-
-def test_spans_continue_the_incoming_trace_and_headers_pass_untouched(tmp_path: Path, upstreams) -> None:
-    baseline, sandbox = upstreams
+def test_spans_continue_the_incoming_trace_and_headers_pass_untouched(tmp_path: Path, upstream_pair) -> None:
+    baseline, sandbox = upstream_pair
     spans_path = tmp_path / "spans.jsonl"
     port = free_port()
     config = _config(baseline.address, sandbox.address, closed_port(), port,
@@ -119,8 +109,8 @@ def _epoch(iso: str) -> float:
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
-def test_sampling_ratio_zero_exports_nothing(tmp_path: Path, upstreams) -> None:
-    baseline, sandbox = upstreams
+def test_sampling_ratio_zero_exports_nothing(tmp_path: Path, upstream_pair) -> None:
+    baseline, sandbox = upstream_pair
     spans_path = tmp_path / "spans.jsonl"
     port = free_port()
     config = _config(baseline.address, sandbox.address, closed_port(), port,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.integration.controlplane.conftest import ROUTE, ControlPlane, running_control_plane, write_policy
+from tests.integration.cp_support import ROUTE, ControlPlane, running_control_plane, write_policy
 
 
 def test_create_get_list_extend_delete(control_plane: ControlPlane) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from tests.integration.controlplane.conftest import ControlPlane, run_cli, running_control_plane, write_policy
+from tests.integration.cp_support import ControlPlane, run_cli, running_control_plane, write_policy
 from tests.integration.support import closed_port
 
 

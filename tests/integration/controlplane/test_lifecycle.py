@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.controlplane.conftest import (
+from tests.integration.cp_support import (
     ROOT,
     ROUTE,
     run_cli,

@@ -19,7 +19,7 @@ import grpc
 import httpx
 import pytest
 
-from tests.integration.controlplane.conftest import (
+from tests.integration.cp_support import (
     ROOT,
     TOKEN,
     ControlPlane,
