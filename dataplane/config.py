@@ -94,6 +94,31 @@ class Limits:
     # Workers apply a validated push within this long, or the supervisor stops waiting
     # (and NACKs); a worker that missed one gets the whole set when it is back.
     control_plane_apply_timeout_s: float = 10.0
+    # --- HTTP/2 and gRPC (HARDENING.md, HTTP/2 table)
+    # nginx's http2_max_concurrent_streams is 128. Advertised in SETTINGS; streams beyond
+    # it get REFUSED_STREAM (only the excess fails, RFC 9113 §5.1.2).
+    h2_max_concurrent_streams: int = 128
+    # Receive window per stream, both sides: what a peer may send before the other side
+    # took it, so a slow reader costs at most this per stream. Envoy's edge guidance is
+    # 64 KiB; 256 KiB keeps large gRPC messages near wire speed.
+    h2_initial_stream_window_bytes: int = 256 * 1024
+    # Receive window per connection (the sum over its streams): Envoy's edge guidance, 1 MiB.
+    h2_initial_connection_window_bytes: int = 1024 * 1024
+    # Rapid reset (CVE-2023-44487): Envoy's premature_reset_total_stream_count is 500.
+    # Past this many streams the client reset before their response ended, when they are
+    # at least half of its streams: GOAWAY ENHANCE_YOUR_CALM, upstream streams cancelled.
+    h2_max_premature_resets: int = 500
+    # PING and SETTINGS frames per second per connection; each queues an ACK. Envoy caps
+    # queued control frames at 1000 (max_outbound_control_frames).
+    h2_max_control_frames_per_s: int = 1000
+    # DATA frames without payload nor END_STREAM in a row: Envoy's
+    # max_consecutive_inbound_frames_with_empty_payload is 1.
+    h2_max_consecutive_empty_frames: int = 1
+    # Envoy's stream_idle_timeout is 5 min: long gRPC streams live under it, not a route timeout.
+    h2_stream_idle_timeout_s: float = 300.0
+    # Graceful drain: advisory GOAWAY, then the final one this much later. Envoy waits its
+    # drain_timeout (5 s); 1 s covers in-flight streams' round trips and keeps drains short.
+    h2_goaway_grace_s: float = 1.0
 
 
 _LIMIT_FIELDS = {f.name: f for f in dataclasses.fields(Limits)}

@@ -1,0 +1,209 @@
+"""What both ends of an HTTP/2 hop share: an h2 connection on a transport, and data
+queued per stream until the peer's flow-control window and our write buffer allow it.
+
+Flow control is end to end: bytes received on one connection are acknowledged to their
+sender (``acknowledge_received_data``, which opens its window again) only once the other
+connection's transport has taken them. A peer that stops reading therefore stops the
+peer that writes, and the proxy holds at most one window per stream in between.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections import deque
+from typing import cast
+
+from h2.connection import H2Connection as _H2
+from h2.errors import ErrorCodes
+from h2.exceptions import ProtocolError
+from hyperframe.frame import GoAwayFrame
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class _Outbound:
+    """Data for one stream waiting for window or buffer space, then how the stream ends."""
+
+    __slots__ = ("chunks", "end", "trailers")
+
+    def __init__(self) -> None:
+        # [data, sender link, sender stream id, flow-controlled length to acknowledge]
+        self.chunks: deque[tuple[bytes, H2Link | None, int, int]] = deque()
+        self.end = False
+        self.trailers: Headers | None = None
+
+
+class H2Link(asyncio.Protocol):
+    """An h2 connection on an asyncio transport, with per-stream outbound queues."""
+
+    # A client that does not read gets nothing more processed while our buffer is full:
+    # its PINGs and SETTINGS would otherwise queue acknowledgements without bound. Not for
+    # upstreams: one that stops reading while we stop reading it would never recover.
+    pause_reading_when_blocked = False
+
+    def __init__(self) -> None:
+        self.h2: _H2 = cast(_H2, None)  # set by the subclass before any I/O
+        self.transport: asyncio.Transport | None = None
+        self.write_paused = False
+        self.closed = False
+        self._queues: dict[int, _Outbound] = {}
+
+    # ------------------------------------------------------------------ transport
+
+    def setup_transport(self, transport: asyncio.BaseTransport, high: int, low: int) -> asyncio.Transport:
+        """Keep the transport, set its watermarks and disable Nagle (frames are small)."""
+        self.transport = tr = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        tr.set_write_buffer_limits(high, low)
+        sock = tr.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return tr
+
+    def flush(self) -> None:
+        """Write whatever h2 has produced."""
+        data = self.h2.data_to_send()
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.pause_reading_when_blocked and self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.pause_reading_when_blocked and self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+        self.pump_all()
+
+    def send_goaway(self, last_stream_id: int, error_code: int = 0) -> None:
+        """A GOAWAY that leaves the connection usable for streams up to ``last_stream_id``.
+
+        h2's ``close_connection`` moves its state machine to CLOSED; a graceful drain
+        needs the first, advisory GOAWAY of RFC 9113 §6.8 without that.
+        """
+        self.flush()
+        frame = GoAwayFrame(0)
+        frame.last_stream_id = last_stream_id
+        frame.error_code = error_code
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(frame.serialize())
+
+    def close_with(self, error_code: int, last_stream_id: int | None = None) -> None:
+        """Send a final GOAWAY and close after it is written."""
+        if self.closed:
+            return
+        try:
+            self.h2.close_connection(error_code=error_code, last_stream_id=last_stream_id)
+            self.flush()
+        except ProtocolError:
+            pass
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    # ------------------------------------------------------------------ flow control
+
+    def acknowledge(self, stream_id: int, flow_len: int) -> None:
+        """The bytes received on ``stream_id`` were taken: let the sender send more."""
+        if self.closed or not flow_len:
+            return
+        try:
+            self.h2.acknowledge_received_data(flow_len, stream_id)
+        except ProtocolError:
+            return
+        self.flush()
+
+    def queue_data(self, stream_id: int, data: bytes, sender: H2Link | None, sender_stream: int,
+                   flow_len: int) -> None:
+        """Send ``data`` on ``stream_id`` when window and buffer allow; then acknowledge it
+        to ``sender`` (the connection it came from)."""
+        queue = self._queues.get(stream_id)
+        if queue is None:
+            queue = self._queues[stream_id] = _Outbound()
+        queue.chunks.append((data, sender, sender_stream, flow_len))
+        self.pump(stream_id)
+
+    def queue_end(self, stream_id: int, trailers: Headers | None) -> None:
+        """End ``stream_id`` (with trailers, if any) after the data queued before."""
+        queue = self._queues.get(stream_id)
+        if queue is None:
+            queue = self._queues[stream_id] = _Outbound()
+        queue.end = True
+        queue.trailers = trailers
+        self.pump(stream_id)
+
+    def queued(self, stream_id: int) -> bool:
+        """Whether data or an end is still waiting to be sent on ``stream_id``."""
+        return stream_id in self._queues
+
+    def discard(self, stream_id: int) -> None:
+        """Drop what is queued for a stream, still crediting the senders' connection windows."""
+        queue = self._queues.pop(stream_id, None)
+        if queue is None:
+            return
+        for _, sender, sender_stream, flow_len in queue.chunks:
+            if sender is not None:
+                sender.acknowledge(sender_stream, flow_len)
+
+    def pump_all(self) -> None:
+        """Send what the windows allow on every stream that has something queued."""
+        for stream_id in list(self._queues):
+            if self.write_paused:
+                return
+            self.pump(stream_id)
+
+    def pump(self, stream_id: int) -> None:
+        """Send queued data on one stream as far as the windows and the write buffer allow."""
+        queue = self._queues.get(stream_id)
+        if queue is None or self.closed:
+            return
+        h2 = self.h2
+        chunks = queue.chunks
+        try:
+            while chunks and not self.write_paused:
+                data, sender, sender_stream, flow_len = chunks[0]
+                window = h2.local_flow_control_window(stream_id)
+                if window <= 0 and data:
+                    break
+                size = min(window, h2.max_outbound_frame_size)
+                if len(data) > size:
+                    h2.send_data(stream_id, data[:size])
+                    chunks[0] = (data[size:], sender, sender_stream, flow_len)
+                    self.flush()
+                    continue
+                chunks.popleft()
+                if data:
+                    h2.send_data(stream_id, data)
+                    self.flush()
+                if sender is not None:
+                    sender.acknowledge(sender_stream, flow_len)
+            if chunks or not queue.end or self.write_paused:
+                return
+            del self._queues[stream_id]
+            if queue.trailers is not None:
+                h2.send_headers(stream_id, queue.trailers, end_stream=True)
+            else:
+                h2.end_stream(stream_id)
+            self.flush()
+        except ProtocolError:
+            # The stream was reset or closed meanwhile: nothing more can go on it.
+            self.discard(stream_id)
+            self.flush()
+            return
+        self.stream_sent(stream_id)
+
+    def stream_sent(self, stream_id: int) -> None:
+        """Everything for ``stream_id`` was handed to the transport, end included."""
+
+    def reset(self, stream_id: int, code: int = ErrorCodes.CANCEL) -> None:
+        """Reset one stream and forget what was queued for it."""
+        self.discard(stream_id)
+        if self.closed:
+            return
+        try:
+            self.h2.reset_stream(stream_id, code)
+        except ProtocolError:
+            return
+        self.flush()

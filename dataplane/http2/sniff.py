@@ -1,0 +1,85 @@
+"""One port for HTTP/1.1 and HTTP/2 with prior knowledge: the first bytes decide.
+
+A connection starting with the HTTP/2 client preface is handed to ``H2Connection``,
+anything else to the HTTP/1.1 ``Downstream``. The chosen protocol then owns the
+transport as if it had accepted it, and is given the bytes read so far. The cost is one
+protocol switch per connection; requests never pass through here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, cast
+
+from dataplane.http2.server import H2Connection
+from dataplane.proxy import Downstream
+
+if TYPE_CHECKING:
+    from dataplane.config import Listener
+    from dataplane.worker import WorkerState
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+class Sniffer(asyncio.Protocol):
+    """Reads just enough of a new connection to tell HTTP/2 from HTTP/1.1."""
+
+    def __init__(self, state: WorkerState, listener: Listener) -> None:
+        self.state = state
+        self.listener = listener
+        self.transport: asyncio.Transport | None = None
+        self._buf = b""
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        if len(self.state.connections) >= self.state.limits.max_connections_per_worker:
+            # Over the cap: Downstream answers 503 at once, without waiting for a byte.
+            self._hand_over(Downstream(self.state, self.listener), b"")
+            return
+        # A client that never speaks is closed as Downstream would close it.
+        self._timer = self.state.loop.call_later(self.state.limits.header_read_timeout_s, self._timed_out)
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf + data if self._buf else data
+        if len(buf) < len(PREFACE) and PREFACE.startswith(buf):
+            self._buf = buf  # could still be the preface: wait for more
+            return
+        self._buf = b""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        protocol: asyncio.Protocol
+        if buf.startswith(PREFACE):
+            protocol = H2Connection(self.state, self.listener)
+        else:
+            protocol = Downstream(self.state, self.listener)
+        self._hand_over(protocol, buf)
+
+    def _hand_over(self, protocol: asyncio.Protocol, buf: bytes) -> None:
+        transport = self.transport
+        assert transport is not None
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if buf and not transport.is_closing():
+            protocol.data_received(buf)
+
+    def eof_received(self) -> bool | None:
+        self._stop()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop()
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        self.state.metrics.downstream_error("header_timeout")
+        if self.transport is not None:
+            self.transport.close()
+
+    def _stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.transport is not None:
+            self.transport.close()

@@ -1,0 +1,270 @@
+"""Multiplexed HTTP/2 upstream connections and their per-destination pool.
+
+One h2 client connection carries many streams; a second one to the same destination is
+opened only when the first has reached the peer's ``max_concurrent_streams`` or received
+a GOAWAY. A connection belongs to one destination address for its whole life.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from h2.config import H2Configuration
+from h2.connection import H2Connection as _H2
+from h2.errors import ErrorCodes
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    ResponseReceived,
+    StreamEnded,
+    StreamReset,
+    TrailersReceived,
+    WindowUpdated,
+)
+from h2.exceptions import ProtocolError
+from h2.settings import SettingCodes, Settings
+
+from dataplane.errors import HttpError
+from dataplane.http2.link import H2Link, Headers
+from filters import Address
+
+if TYPE_CHECKING:
+    from dataplane.worker import WorkerState
+
+
+class H2UpstreamUser:
+    """What an upstream HTTP/2 stream reports to the downstream stream using it."""
+
+    def on_up_headers(self, headers: Headers, end: bool) -> None:
+        """The final response head arrived (``end``: a trailers-only response)."""
+
+    def on_up_data(self, data: bytes, flow_len: int) -> None:
+        """Response body bytes; acknowledge ``flow_len`` once they were passed on."""
+
+    def on_up_end(self, trailers: Headers | None) -> None:
+        """The response is complete."""
+
+    def on_up_reset(self, code: int, retryable: bool) -> None:
+        """The stream was reset or its connection failed; ``retryable``: the upstream
+        did not process it (REFUSED_STREAM, or above a GOAWAY's last stream id)."""
+
+
+class H2Upstream(H2Link):
+    """One HTTP/2 client connection to one destination, carrying many streams."""
+
+    def __init__(self, pool: H2Pool, address: Address) -> None:
+        super().__init__()
+        self.pool = pool
+        self.address = address
+        self.key = (address.host, address.port)
+        self.users: dict[int, H2UpstreamUser] = {}
+        self.going_away = False
+        self.idle_since = 0.0
+
+    # ------------------------------------------------------------------ asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        limits = self.pool.state.limits
+        self.setup_transport(transport, limits.write_high_watermark_bytes, limits.write_low_watermark_bytes)
+        h2 = self.h2 = _H2(H2Configuration(client_side=True, header_encoding=None,
+                                           validate_outbound_headers=False, normalize_outbound_headers=False))
+        # Replaced before initiate_connection, which advertises the current values.
+        h2.local_settings = Settings(client=True, initial_values={
+            SettingCodes.ENABLE_PUSH: 0,
+            SettingCodes.INITIAL_WINDOW_SIZE: limits.h2_initial_stream_window_bytes,
+            SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_head_bytes,
+        })
+        h2.initiate_connection()
+        h2.increment_flow_control_window(max(0, limits.h2_initial_connection_window_bytes - 65535))
+        self.flush()
+        self.idle_since = self.pool.state.loop_time()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.h2.receive_data(data)
+        except ProtocolError:
+            self.flush()  # h2 queued a GOAWAY
+            self._fail_all(ErrorCodes.PROTOCOL_ERROR, None)
+            self.closed = True
+            if self.transport is not None:
+                self.transport.close()
+            return
+        users = self.users
+        for event in events:
+            if isinstance(event, DataReceived):
+                user = users.get(event.stream_id)
+                if user is not None:
+                    user.on_up_data(event.data, event.flow_controlled_length)
+                else:
+                    self.acknowledge(event.stream_id, event.flow_controlled_length)
+            elif isinstance(event, ResponseReceived):
+                user = users.get(event.stream_id)
+                if user is not None:
+                    user.on_up_headers(event.headers, event.stream_ended is not None)
+                    if event.stream_ended is not None:
+                        self.forget_stream(event.stream_id)
+            elif isinstance(event, TrailersReceived):
+                user = users.pop(event.stream_id, None)
+                if user is not None:
+                    self._stream_gone()
+                    user.on_up_end(event.headers)
+            elif isinstance(event, StreamEnded):
+                user = users.pop(event.stream_id, None)
+                if user is not None:
+                    self._stream_gone()
+                    user.on_up_end(None)
+            elif isinstance(event, WindowUpdated):
+                if event.stream_id:
+                    self.pump(event.stream_id)
+                else:
+                    self.pump_all()
+            elif isinstance(event, StreamReset):
+                self.discard(event.stream_id)
+                user = users.pop(event.stream_id, None)
+                if user is not None:
+                    self._stream_gone()
+                    user.on_up_reset(event.error_code or ErrorCodes.INTERNAL_ERROR,
+                                     event.error_code == ErrorCodes.REFUSED_STREAM)
+            elif isinstance(event, ConnectionTerminated):
+                self.going_away = True
+                self._fail_all(ErrorCodes.REFUSED_STREAM, event.last_stream_id)
+        self.flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.forget(self)
+        self._fail_all(ErrorCodes.INTERNAL_ERROR, None)
+
+    # ------------------------------------------------------------------ used by streams
+
+    def has_capacity(self) -> bool:
+        """Whether another stream may be opened now."""
+        return (not self.closed and not self.going_away
+                and len(self.users) < self.h2.remote_settings.max_concurrent_streams)
+
+    def open_stream(self, user: H2UpstreamUser, headers: Headers, end: bool) -> int:
+        """Send a request head on a new stream; returns its id."""
+        h2 = self.h2
+        stream_id = h2.get_next_available_stream_id()
+        h2.send_headers(stream_id, headers, end_stream=end)
+        self.users[stream_id] = user
+        self.flush()
+        return stream_id
+
+    def forget_stream(self, stream_id: int) -> None:
+        """The downstream is done with a stream: cancel it if it is still open."""
+        if self.users.pop(stream_id, None) is not None:
+            self.reset(stream_id, ErrorCodes.CANCEL)
+            self._stream_gone()
+        else:
+            self.discard(stream_id)
+
+    def close(self) -> None:
+        """Close now (shutdown or idle)."""
+        self.pool.forget(self)
+        self.close_with(ErrorCodes.NO_ERROR)
+
+    # ------------------------------------------------------------------ internals
+
+    def _stream_gone(self) -> None:
+        if not self.users:
+            self.idle_since = self.pool.state.loop_time()
+            if self.going_away:
+                self.close()
+
+    def _fail_all(self, code: int, last_stream_id: int | None) -> None:
+        # With a GOAWAY, streams above its last id were never processed: retryable.
+        for stream_id, user in list(self.users.items()):
+            if last_stream_id is not None and stream_id <= last_stream_id:
+                continue
+            del self.users[stream_id]
+            self.discard(stream_id)
+            user.on_up_reset(code, last_stream_id is not None)
+        if last_stream_id is not None and not self.users:
+            self.close()
+
+
+class H2Pool:
+    """HTTP/2 upstream connections per destination; new ones only when all are full."""
+
+    def __init__(self, state: WorkerState) -> None:
+        self.state = state
+        self._conns: dict[tuple[str, int], list[H2Upstream]] = {}
+        self._connecting: dict[tuple[str, int], asyncio.Future[H2Upstream]] = {}
+        self._sweeping = False
+
+    def acquire(self, address: Address) -> H2Upstream | None:
+        """An open connection to ``address`` with room for one more stream, or None."""
+        conns = self._conns.get((address.host, address.port))
+        if conns:
+            for conn in conns:
+                if conn.has_capacity():
+                    return conn
+        return None
+
+    async def connect(self, address: Address) -> H2Upstream:
+        """A connection with room for a stream, joining a connect already under way;
+        raises ``HttpError`` 503 on failure or timeout."""
+        key = (address.host, address.port)
+        pending = self._connecting.get(key)
+        if pending is not None:
+            conn = await asyncio.shield(pending)
+            if conn.has_capacity():
+                return conn
+        future: asyncio.Future[H2Upstream] = self.state.loop.create_future()
+        self._connecting[key] = future
+        try:
+            conn = await self._open(address)
+        except HttpError as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: joiners re-raise it, nobody else must log it
+            raise
+        finally:
+            if self._connecting.get(key) is future:
+                del self._connecting[key]
+        future.set_result(conn)
+        return conn
+
+    async def _open(self, address: Address) -> H2Upstream:
+        loop = self.state.loop
+        try:
+            async with asyncio.timeout(self.state.limits.upstream_connect_timeout_s):
+                _, conn = await loop.create_connection(lambda: H2Upstream(self, address),
+                                                       address.host, address.port)
+        except TimeoutError:
+            raise HttpError(503, "connect to " + str(address) + " timed out", "connect_timeout") from None
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            raise HttpError(503, "connect to " + str(address) + " failed: " + reason, "connect_failed") from None
+        self._conns.setdefault(conn.key, []).append(conn)
+        if not self._sweeping:
+            self._sweeping = True
+            loop.call_later(1.0, self._sweep)
+        return conn
+
+    def forget(self, conn: H2Upstream) -> None:
+        """Drop a closed connection from the books."""
+        conns = self._conns.get(conn.key)
+        if conns and conn in conns:
+            conns.remove(conn)
+            if not conns:
+                del self._conns[conn.key]
+
+    def _sweep(self) -> None:
+        # Once a second while any connection exists: close those idle too long.
+        limit = self.state.loop_time() - self.state.limits.upstream_idle_timeout_s
+        for conns in list(self._conns.values()):
+            for conn in list(conns):
+                if not conn.users and conn.idle_since < limit:
+                    conn.close()
+        if self._conns:
+            self.state.loop.call_later(1.0, self._sweep)
+        else:
+            self._sweeping = False
+
+    def close_all(self) -> None:
+        """Close every connection (shutdown)."""
+        for conns in list(self._conns.values()):
+            for conn in list(conns):
+                conn.close()

@@ -1,0 +1,540 @@
+"""Plain HTTP/2 through turnout: prior knowledge on the HTTP/1.1 port, curl
+``--http2-prior-knowledge``, routing, header handling, malformed heads as stream errors,
+flow control with a slow reader, the proxy's own ``grpc-timeout`` and a two-step drain.
+
+The upstream is a small HTTP/2 server on the h2 library (``H2Upstream``) that records
+what it receives, so the tests see exactly what the proxy forwarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import pytest
+from hyperframe.frame import PingFrame, SettingsFrame, WindowUpdateFrame
+
+from tests.integration.support import (
+    ProxyProcess,
+    RecordingUpstream,
+    free_port,
+    inbound,
+    parse_responses,
+    raw_exchange,
+    running_proxy,
+    start_proxy,
+)
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+@dataclass
+class Seen:
+    """One request as the HTTP/2 upstream received it."""
+
+    headers: list[tuple[bytes, bytes]]
+    body: bytes = b""
+    trailers: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of a header, or None."""
+        return next((v for n, v in self.headers if n == name), None)
+
+
+class H2Upstream:
+    """An HTTP/2 server (h2, asyncio, in a thread) that records requests and resets.
+
+    Paths: ``/hang`` never answers; ``/big?<n>`` answers n bytes; ``/grpc`` answers a
+    gRPC-shaped response with trailers; anything else echoes the request as JSON.
+    """
+
+    def __init__(self, label: str) -> None:
+        self.label = label.encode()
+        self.requests: list[Seen] = []
+        self.resets: list[int] = []
+        self.connections = 0
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._server: asyncio.AbstractServer | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        assert self._ready.wait(5)
+
+    @property
+    def address(self) -> str:
+        """host:port."""
+        return f"127.0.0.1:{self.port}"
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+
+        async def start() -> None:
+            self._server = await self._loop.create_server(lambda: _H2ServerProtocol(self), "127.0.0.1", 0)
+            self.port = self._server.sockets[0].getsockname()[1]
+            self._ready.set()
+
+        self._loop.run_until_complete(start())
+        self._loop.run_forever()
+
+    def stop(self) -> None:
+        """Stop the server and its loop."""
+        def shut() -> None:
+            if self._server is not None:
+                self._server.close()
+            self._loop.stop()
+        self._loop.call_soon_threadsafe(shut)
+        self._thread.join(5)
+
+
+class _H2ServerProtocol(asyncio.Protocol):
+    def __init__(self, owner: H2Upstream) -> None:
+        self.owner = owner
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+        self.transport: asyncio.Transport | None = None
+        self.streams: dict[int, Seen] = {}
+        self.pending: dict[int, bytes] = {}
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.owner.connections += 1
+        self.conn.initiate_connection()
+        self._flush()
+
+    def _flush(self) -> None:
+        assert self.transport is not None
+        self.transport.write(self.conn.data_to_send())
+
+    def data_received(self, data: bytes) -> None:
+        for event in self.conn.receive_data(data):
+            if isinstance(event, h2.events.RequestReceived):
+                self.streams[event.stream_id] = Seen(list(event.headers))
+            elif isinstance(event, h2.events.DataReceived):
+                self.streams[event.stream_id].body += event.data
+                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, h2.events.TrailersReceived):
+                self.streams[event.stream_id].trailers = list(event.headers)
+            elif isinstance(event, h2.events.StreamEnded):
+                self._answer(event.stream_id)
+            elif isinstance(event, h2.events.StreamReset):
+                self.owner.resets.append(event.stream_id)
+                self.pending.pop(event.stream_id, None)
+            elif isinstance(event, h2.events.WindowUpdated):
+                for stream_id in list(self.pending):
+                    self._send(stream_id)
+        self._flush()
+
+    def _answer(self, stream_id: int) -> None:
+        seen = self.streams.pop(stream_id)
+        self.owner.requests.append(seen)
+        path = seen.header(b":path") or b"/"
+        if path == b"/hang":
+            return
+        if path.startswith(b"/big?"):
+            size = int(path[5:])
+            self.conn.send_headers(stream_id, [(b":status", b"200"), (b"content-length", b"%d" % size)])
+            self.pending[stream_id] = b"z" * size
+            self._send(stream_id)
+            return
+        if path == b"/grpc":
+            self.conn.send_headers(stream_id, [(b":status", b"200"), (b"content-type", b"application/grpc")])
+            self.conn.send_data(stream_id, b"\x00\x00\x00\x00\x02ok")
+            self.conn.send_headers(stream_id, [(b"grpc-status", b"0"), (b"x-trailer", self.owner.label)],
+                                   end_stream=True)
+            return
+        body = json.dumps({"upstream": self.owner.label.decode(),
+                           "headers": [[n.decode(), v.decode("latin-1")] for n, v in seen.headers],
+                           "body_bytes": len(seen.body)}).encode()
+        self.conn.send_headers(stream_id, [(b":status", b"200"), (b"content-type", b"application/json"),
+                                           (b"x-upstream", self.owner.label)])
+        self.conn.send_data(stream_id, body, end_stream=True)
+
+    def _send(self, stream_id: int) -> None:
+        try:
+            self._send_window(stream_id)
+        except h2.exceptions.StreamClosedError:
+            self.pending.pop(stream_id, None)  # the proxy cancelled it
+
+    def _send_window(self, stream_id: int) -> None:
+        data = self.pending[stream_id]
+        while data:
+            window = min(self.conn.local_flow_control_window(stream_id), self.conn.max_outbound_frame_size)
+            if window <= 0:
+                break
+            self.conn.send_data(stream_id, data[:window])
+            data = data[window:]
+        if data:
+            self.pending[stream_id] = data
+        else:
+            del self.pending[stream_id]
+            self.conn.end_stream(stream_id)
+
+
+# ---------------------------------------------------------------------- raw client
+
+
+class H2Client:
+    """A blocking HTTP/2 client on a socket, with the h2 library, for raw-frame tests."""
+
+    def __init__(self, port: int, timeout_s: float = 5.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout_s)
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+        self.conn.initiate_connection()
+        self.events: list[Any] = []
+        self.closed = False
+        self.send()
+
+    def send(self) -> None:
+        """Write what h2 produced."""
+        data = self.conn.data_to_send()
+        if data:
+            self.sock.sendall(data)
+
+    def request(self, path: str = "/", method: str = "GET", authority: str = "users", body: bytes | None = None,
+                extra: list[tuple[str, str]] | None = None) -> int:
+        """Send a request; returns its stream id."""
+        stream = self.conn.get_next_available_stream_id()
+        headers = [(":method", method), (":scheme", "http"), (":authority", authority), (":path", path),
+                   *(extra or [])]
+        self.conn.send_headers(stream, headers, end_stream=body is None)
+        if body is not None:
+            self.conn.send_data(stream, body, end_stream=True)
+        self.send()
+        return stream
+
+    def pump(self, until: Any, timeout_s: float = 5.0) -> None:
+        """Read and handle frames until ``until()`` is true or the connection ends."""
+        deadline = time.monotonic() + timeout_s
+        while not until() and time.monotonic() < deadline and not self.closed:
+            try:
+                data = self.sock.recv(1 << 16)
+            except TimeoutError:
+                continue
+            except OSError:
+                self.closed = True
+                return
+            if not data:
+                self.closed = True
+                return
+            for event in self.conn.receive_data(data):
+                self.events.append(event)
+                if isinstance(event, h2.events.DataReceived):
+                    self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            with contextlib.suppress(OSError):
+                self.send()
+
+    def response(self, stream: int, timeout_s: float = 5.0) -> tuple[dict[bytes, bytes], bytes]:
+        """Headers (and trailers) and body of a stream, once it ended."""
+        self.pump(lambda: self.ended(stream), timeout_s)
+        headers: dict[bytes, bytes] = {}
+        body = b""
+        for event in self.events:
+            if getattr(event, "stream_id", None) != stream:
+                continue
+            if isinstance(event, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
+                headers.update(dict(event.headers))
+            elif isinstance(event, h2.events.DataReceived):
+                body += event.data
+        assert self.ended(stream), f"stream {stream} did not end: {headers} {self.events[-5:]}"
+        return headers, body
+
+    def ended(self, stream: int) -> bool:
+        """Whether the stream ended or was reset."""
+        return any(isinstance(e, (h2.events.StreamEnded, h2.events.StreamReset)) and e.stream_id == stream
+                   for e in self.events)
+
+    def reset_code(self, stream: int) -> int | None:
+        """The RST_STREAM error code the proxy sent for a stream, if any."""
+        for e in self.events:
+            if isinstance(e, h2.events.StreamReset) and e.stream_id == stream:
+                return int(e.error_code)
+        return None
+
+    def goaway(self) -> h2.events.ConnectionTerminated | None:
+        """The GOAWAY received, if any."""
+        return next((e for e in self.events if isinstance(e, h2.events.ConnectionTerminated)), None)
+
+    def close(self) -> None:
+        """Close the socket."""
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+# ---------------------------------------------------------------------- fixtures
+
+
+@dataclass
+class H2Stack:
+    """A proxy in front of an HTTP/2 baseline and sandbox."""
+
+    proxy: ProxyProcess
+    baseline: H2Upstream
+    sandbox: H2Upstream
+
+    @property
+    def port(self) -> int:
+        """The listener."""
+        return self.proxy.port
+
+
+def h2_config(port: int, baseline: str, sandbox: str, **limits: Any) -> dict[str, Any]:
+    """One inbound listener for service users, a session keyed ``sbx``."""
+    return {
+        "routing": {"debug_headers": True},
+        "listeners": [inbound("users-in", port, "users", baseline)],
+        "limits": {"upstream_connect_timeout_s": 2.0, "upstream_response_timeout_s": 3.0, **limits},
+        "sessions": [{"id": "sbx-1", "key": "sbx", "routes": [{"service": "users", "destination": sandbox}]}],
+    }
+
+
+@contextlib.contextmanager
+def h2_stack(tmp: Path, **limits: Any) -> Iterator[H2Stack]:
+    """A proxy and two HTTP/2 upstreams, all stopped on exit."""
+    baseline = H2Upstream("baseline")
+    sandbox = H2Upstream("sandbox")
+    try:
+        with running_proxy(h2_config(free_port(), baseline.address, sandbox.address, **limits), tmp) as proxy:
+            yield H2Stack(proxy, baseline, sandbox)
+    finally:
+        baseline.stop()
+        sandbox.stop()
+
+
+@pytest.fixture(scope="module")
+def hstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[H2Stack]:
+    """The module's stack."""
+    with h2_stack(tmp_path_factory.mktemp("h2")) as stack:
+        yield stack
+
+
+@pytest.fixture
+def client(hstack: H2Stack) -> Iterator[H2Client]:
+    """A raw HTTP/2 client connected to the proxy."""
+    c = H2Client(hstack.port)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+# ---------------------------------------------------------------------- tests
+
+
+def test_curl_prior_knowledge_routes_by_baggage(hstack: H2Stack) -> None:
+    url = f"http://127.0.0.1:{hstack.port}/hello?x=1"
+    out = subprocess.run(["curl", "-s", "--http2-prior-knowledge", "-H", "baggage: turnout-session=sbx",
+                          "-D", "-", url], capture_output=True, timeout=10, check=True).stdout
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/2 200")
+    assert b"x-turnout-route: sbx-1" in head
+    seen = json.loads(body)
+    assert seen["upstream"] == "sandbox"
+    names = dict(seen["headers"])
+    assert names[":path"] == "/hello?x=1"
+    assert names["x-forwarded-for"] == "127.0.0.1"
+    assert names["baggage"] == "turnout-session=sbx"
+    out = subprocess.run(["curl", "-s", "--http2-prior-knowledge", url], capture_output=True, timeout=10,
+                         check=True).stdout
+    assert json.loads(out)["upstream"] == "baseline"
+
+
+def test_curl_post_body_and_http1_on_the_same_port(hstack: H2Stack) -> None:
+    body = b"b" * 300_000
+    out = subprocess.run(["curl", "-s", "--http2-prior-knowledge", "--data-binary", "@-",
+                          f"http://127.0.0.1:{hstack.port}/upload"], input=body, capture_output=True,
+                         timeout=10, check=True).stdout
+    assert json.loads(out)["body_bytes"] == len(body)
+    # HTTP/1.1 on the same listener still goes through the HTTP/1.1 path (and its pool).
+    reply = raw_exchange(hstack.port, b"GET /x HTTP/1.1\r\nHost: users\r\nConnection: close\r\n\r\n")
+    assert parse_responses(reply)[0].status in (502, 503)  # the baseline speaks only HTTP/2
+
+
+def test_sniffer_hands_http1_to_the_http1_path(tmp_path: Path) -> None:
+    up = RecordingUpstream("h1")
+    try:
+        config = {"listeners": [inbound("in", free_port(), "users", up.address)]}
+        with running_proxy(config, tmp_path) as proxy:
+            # A request line that starts like the preface ("P...") is still HTTP/1.1.
+            reply = raw_exchange(proxy.port, b"POST /p HTTP/1.1\r\nHost: users\r\nContent-Length: 2\r\n"
+                                             b"Connection: close\r\n\r\nok")
+            assert parse_responses(reply)[0].status == 200
+            assert up.last().body == b"ok"
+    finally:
+        up.stop()
+
+
+def test_response_trailers_and_hop_headers(hstack: H2Stack, client: H2Client) -> None:
+    stream = client.request("/grpc", "POST", body=b"\x00\x00\x00\x00\x00",
+                            extra=[("content-type", "application/grpc"), ("te", "trailers")])
+    headers, body = client.response(stream)
+    assert headers[b"grpc-status"] == b"0"
+    assert headers[b"x-trailer"] == b"baseline"
+    assert body == b"\x00\x00\x00\x00\x02ok"
+    seen = hstack.baseline.requests[-1]
+    assert seen.header(b"te") == b"trailers"
+
+
+@pytest.mark.parametrize("bad", [
+    [("transfer-encoding", "chunked")],
+    [("connection", "keep-alive")],
+    [("x-bad", "a\rb")],
+    [("x-bad", "a\nb")],
+    [("x-bad", "a\x00b")],
+    [("Upper", "x")],
+    [("te", "gzip")],
+    [("host", "other")],
+])
+def test_malformed_heads_are_stream_errors(hstack: H2Stack, client: H2Client, bad: list[tuple[str, str]]) -> None:
+    before = len(hstack.baseline.requests)
+    client.conn.config.validate_outbound_headers = False
+    client.conn.config.normalize_outbound_headers = False
+    stream = client.request("/bad", extra=bad)
+    client.pump(lambda: client.ended(stream))
+    assert client.reset_code(stream) == h2.errors.ErrorCodes.PROTOCOL_ERROR
+    assert client.goaway() is None, "a malformed request is a stream error, not a connection error"
+    ok = client.request("/fine")
+    headers, _ = client.response(ok)
+    assert headers[b":status"] == b"200"
+    assert len(hstack.baseline.requests) == before + 1  # only the good one was forwarded
+
+
+def test_content_length_disagreeing_with_data_is_a_stream_error(hstack: H2Stack, client: H2Client) -> None:
+    stream = client.request("/cl", "POST", body=b"abc", extra=[("content-length", "10")])
+    client.pump(lambda: client.ended(stream))
+    assert client.reset_code(stream) == h2.errors.ErrorCodes.PROTOCOL_ERROR
+    ok = client.request("/fine")
+    assert client.response(ok)[0][b":status"] == b"200"
+
+
+def test_slow_reader_is_flow_controlled(hstack: H2Stack) -> None:
+    # A client that opens a 1 MiB window stream and never reads past the initial window:
+    # the proxy must not read the whole response from the upstream.
+    c = H2Client(hstack.port)
+    try:
+        stream = c.conn.get_next_available_stream_id()
+        c.conn.send_headers(stream, [(":method", "GET"), (":scheme", "http"), (":authority", "users"),
+                                     (":path", "/big?8000000")], end_stream=True)
+        c.send()
+        got = 0
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                c.sock.settimeout(0.2)
+                data = c.sock.recv(1 << 16)
+                for event in c.conn.receive_data(data):
+                    if isinstance(event, h2.events.DataReceived):
+                        got += len(event.data)  # never acknowledged: the window stays shut
+        assert got <= 65535
+        # The other connections are fine meanwhile.
+        other = H2Client(hstack.port)
+        try:
+            _headers, body = other.response(other.request("/big?2000000"), timeout_s=10)
+            assert len(body) == 2_000_000
+        finally:
+            other.close()
+    finally:
+        c.close()
+
+
+def test_proxy_enforces_grpc_timeout(hstack: H2Stack, client: H2Client) -> None:
+    before = len(hstack.baseline.resets)
+    started = time.monotonic()
+    stream = client.request("/hang", "POST", body=b"\x00\x00\x00\x00\x00",
+                            extra=[("content-type", "application/grpc"), ("grpc-timeout", "300m")])
+    headers, _ = client.response(stream)
+    assert time.monotonic() - started < 3
+    assert headers[b":status"] == b"200"
+    assert headers[b"grpc-status"] == b"4"
+    assert headers[b"content-type"] == b"application/grpc"
+    deadline = time.monotonic() + 3
+    while len(hstack.baseline.resets) == before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(hstack.baseline.resets) > before, "the upstream stream was not cancelled"
+
+
+def test_plain_request_gets_504_when_upstream_hangs(hstack: H2Stack, client: H2Client) -> None:
+    stream = client.request("/hang")
+    headers, _body = client.response(stream, timeout_s=8)
+    assert headers[b":status"] == b"504"
+    assert headers[b"x-turnout-error"] == b"upstream_timeout"
+
+
+def _raw_frames(sock: socket.socket, buf: bytearray) -> Iterator[tuple[int, int, int, bytes]]:
+    """(type, flags, stream id, payload) of each whole frame in ``buf``, consumed from it."""
+    del sock
+    while len(buf) >= 9:
+        length = int.from_bytes(buf[:3], "big")
+        if len(buf) < 9 + length:
+            return
+        kind, flags = buf[3], buf[4]
+        stream = int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF
+        payload = bytes(buf[9:9 + length])
+        del buf[:9 + length]
+        yield kind, flags, stream, payload
+
+
+def test_drain_sends_goaway_twice_and_finishes_streams(tmp_path: Path) -> None:
+    # h2 as a client closes itself on the first GOAWAY, so the frames are read raw here.
+    baseline = H2Upstream("baseline")
+    sandbox = H2Upstream("sandbox")
+    proxy = start_proxy(h2_config(free_port(), baseline.address, sandbox.address), tmp_path)
+    c = H2Client(proxy.port)
+    try:
+        stream = c.request("/big?3000000")
+        buf = bytearray()
+        body = 0
+        goaways: list[int] = []
+        ended = False
+        signalled = False
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and not (ended and len(goaways) >= 2):
+            try:
+                data = c.sock.recv(1 << 16)
+            except TimeoutError:
+                continue
+            if not data:
+                break
+            buf += data
+            for kind, flags, sid, payload in _raw_frames(c.sock, buf):
+                if kind == 0x0 and sid == stream:  # DATA: read slowly, one window at a time
+                    body += len(payload)
+                    ended = ended or bool(flags & 0x1)
+                    if payload:
+                        update = WindowUpdateFrame(0)
+                        update.window_increment = len(payload)
+                        again = WindowUpdateFrame(stream)
+                        again.window_increment = len(payload)
+                        c.sock.sendall(update.serialize() + again.serialize())
+                    if not signalled:
+                        signalled = True
+                        proxy.process.send_signal(signal.SIGTERM)
+                elif kind == 0x7:  # GOAWAY
+                    goaways.append(int.from_bytes(payload[:4], "big") & 0x7FFFFFFF)
+                elif kind == 0x4 and not flags & 0x1:  # SETTINGS: acknowledge
+                    c.sock.sendall(SettingsFrame(0, flags=["ACK"]).serialize())
+                elif kind == 0x6 and not flags & 0x1:  # PING: answer
+                    c.sock.sendall(PingFrame(0, opaque_data=payload, flags=["ACK"]).serialize())
+        assert body == 3_000_000 and ended
+        assert goaways[:2] == [2**31 - 1, stream]
+        assert proxy.process.wait(15) == 0
+    finally:
+        c.close()
+        with contextlib.suppress(Exception):
+            proxy.stop()
+        baseline.stop()
+        sandbox.stop()
