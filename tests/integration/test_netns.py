@@ -7,7 +7,9 @@
 The node runs turnout in outbound (node) mode; the client uses it as its HTTP proxy for the
 baseline's address. A session's key routes the request across hosts to the sandbox; cutting
 the sandbox host's link gives the documented fallback: ``fallback: baseline`` is served by
-baseline, ``fallback: error`` answers 503 with ``x-turnout-error``. Needs root and iproute2;
+baseline, ``fallback: error`` answers 503 with ``x-turnout-error``. A second test runs the
+control plane on the node too and creates and deletes a session from the client host, as a CI
+job or an agent would. Needs root and iproute2;
 skipped, with the reason, otherwise. Every namespace and process is removed in a finally.
 Addresses are private and exist only inside the namespaces this test creates.
 """
@@ -233,3 +235,49 @@ def test_session_routes_across_hosts_and_a_cut_link_falls_back(topology: Topolog
     _ip("-n", topo.ns("node"), "link", "set", topo.link("sandbox"), "up")
     _wait(lambda: topo.request("turnout-session=abc")["body"] == "sandbox", "sandbox after the link is back", logs)
     assert proxy.poll() is None, (topo.tmp / "proxy.log").read_text()
+
+
+def test_session_created_from_the_client_host_reaches_the_node(topology: Topology) -> None:
+    """What a CI job or an agent does: create a session over the network, use its key, delete it."""
+    topo = topology
+    token = topo.tmp / "token"
+    token.write_text(secrets.token_hex(16) + "\n")
+    api = f"http://{NODE_IP}:18080"
+    config = {
+        "listeners": [{"name": "egress", "address": f"{NODE_IP}:15002", "mode": "outbound",
+                       "authorities": {f"{BASELINE_IP}:8080": "users"}}],
+        "control_plane": {"address": "127.0.0.1:18000", "token_file": str(token), "node_id": "node-1",
+                          "state_path": None},
+        "limits": {"upstream_connect_timeout_s": 2.0, "drain_timeout_s": 2.0},
+    }
+    config_path = topo.tmp / "turnout.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    topo.spawn("baseline", [sys.executable, "-c", SERVER, "baseline", BASELINE_IP, "8080", "keep-alive"],
+               "baseline.log")
+    topo.spawn("sandbox", [sys.executable, "-c", SERVER, "sandbox", SANDBOX_IP, "8080", "keep-alive"],
+               "sandbox.log")
+    topo.spawn("node", [sys.executable, "-m", "turnout.cli", "control-plane", "--api", f"{NODE_IP}:18080",
+                        "--grpc", "127.0.0.1:18000", "--db", str(topo.tmp / "sessions.db"), "--token-file",
+                        str(token)], "control-plane.log")
+    topo.spawn("node", [sys.executable, "-m", "dataplane.cli", "proxy", "--config", str(config_path)], "proxy.log")
+    logs = [topo.tmp / name for name in ("proxy.log", "control-plane.log", "baseline.log", "sandbox.log")]
+    _wait(lambda: topo.request()["headers"].get("x-upstream") == "baseline", "baseline through the node", logs)
+
+    def session(*args: str) -> subprocess.CompletedProcess[str]:
+        env = dict(os.environ, PYTHONPATH=str(ROOT), TURNOUT_CONTROL_PLANE=api)
+        return subprocess.run(["ip", "netns", "exec", topo.ns("client"), sys.executable, "-m", "turnout.cli",
+                               "session", *args, "--token-file", str(token)], capture_output=True, text=True,
+                              env=env, cwd=ROOT, timeout=30, check=False)
+
+    def create() -> subprocess.CompletedProcess[str] | None:
+        result = session("create", "--id", "ci-1", "--key", "ci42", "--route", f"users={SANDBOX_IP}:8080",
+                         "--ttl", "10m", "--owner", "ci")
+        return None if result.returncode == 3 else result  # 3: control plane not listening yet
+
+    created = _wait(create, "session create from the client host", logs)
+    assert created.returncode == 0, created.stderr
+    _wait(lambda: topo.request("turnout-session=ci42")["body"] == "sandbox", "the pushed session routes", logs)
+    assert topo.request()["body"] == "baseline"
+    deleted = session("delete", "ci-1")
+    assert deleted.returncode == 0, deleted.stderr
+    _wait(lambda: topo.request("turnout-session=ci42")["body"] == "baseline", "the deleted session is gone", logs)
