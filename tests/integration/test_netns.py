@@ -9,9 +9,9 @@ baseline's address. A session's key routes the request across hosts to the sandb
 the sandbox host's link gives the documented fallback: ``fallback: baseline`` is served by
 baseline, ``fallback: error`` answers 503 with ``x-turnout-error``. A second test runs the
 control plane on the node too and creates and deletes a session from the client host, as a CI
-job or an agent would. Needs root and iproute2;
-skipped, with the reason, otherwise. Every namespace and process is removed in a finally.
-Addresses are private and exist only inside the namespaces this test creates.
+job or an agent would. Needs root and iproute2; skipped, with the reason, otherwise. Every
+namespace and process is removed in a finally. Addresses are private and exist only inside
+the namespaces this test creates.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ print(json.dumps({"status": resp.status, "headers": {k.lower(): v for k, v in re
                   "body": resp.read().decode("latin-1")}))
 """
 
-NODE_IP, CLIENT_IP = "10.200.1.1", "10.200.1.2"
+NODE_IP = "10.200.1.1"
 BASELINE_IP, SANDBOX_IP = "10.200.2.2", "10.200.3.2"
 PROXY = f"{NODE_IP}:15002"
 BASELINE_URL = f"http://{BASELINE_IP}:8080/api/users"
