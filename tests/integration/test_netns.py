@@ -169,7 +169,7 @@ def topology(tmp_path: Path) -> Iterator[Topology]:
         topo.close()
 
 
-def _wait(check: Any, what: str, logs: list[Path], timeout_s: float = 15.0) -> Any:
+def _wait(check: Any, what: str, logs: list[Path], timeout_s: float = 30.0) -> Any:
     deadline = time.monotonic() + timeout_s
     last: Any = None
     while time.monotonic() < deadline:
@@ -259,8 +259,12 @@ def test_session_created_from_the_client_host_reaches_the_node(topology: Topolog
     topo.spawn("node", [sys.executable, "-m", "turnout.cli", "control-plane", "--api", f"{NODE_IP}:18080",
                         "--grpc", "127.0.0.1:18000", "--db", str(topo.tmp / "sessions.db"), "--token-file",
                         str(token)], "control-plane.log")
-    topo.spawn("node", [sys.executable, "-m", "dataplane.cli", "proxy", "--config", str(config_path)], "proxy.log")
     logs = [topo.tmp / name for name in ("proxy.log", "control-plane.log", "baseline.log", "sandbox.log")]
+    # The proxy starts once the control plane listens: otherwise its reconnect backoff (full
+    # jitter, doubling) could push the first stream past this test's patience on a busy machine.
+    _wait(lambda: " grpc 127.0.0.1:18000" in (topo.tmp / "control-plane.log").read_text(), "control plane ready",
+          logs)
+    topo.spawn("node", [sys.executable, "-m", "dataplane.cli", "proxy", "--config", str(config_path)], "proxy.log")
     _wait(lambda: topo.request()["headers"].get("x-upstream") == "baseline", "baseline through the node", logs)
 
     def session(*args: str) -> subprocess.CompletedProcess[str]:
