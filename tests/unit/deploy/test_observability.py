@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.integration.cp_support import eventually, running_control_plane
+from tests.integration.cp_support import eventually, running_control_plane, write_token
 from tests.integration.support import RecordingUpstream, free_port, inbound, running_proxy
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -53,16 +53,15 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[set[str]]:
     baseline = RecordingUpstream("baseline")
     try:
         with running_control_plane(tmp) as cp:
-            token = tmp / "proxy.token"
-            token.write_text(cp.token)
+            token = write_token(tmp, "proxy.token")
             port = free_port()
             config = {"listeners": [inbound("users-in", port, "users", baseline.address)],
-                      "control_plane": {"address": cp.grpc, "token_file": str(token), "state_path": None}}
+                      "control_plane": {"address": cp.grpc_target, "token_file": str(token), "state_path": None}}
             with running_proxy(config, tmp) as proxy:
                 proxy_metrics = eventually(
                     lambda: (text := proxy.admin_get("/metrics")[1]) and
                     "turnout_control_plane_connected{worker=\"supervisor\"} 1.0" in text and text)
-                cp_metrics = _get(cp.api + "/metrics")
+                cp_metrics = _get(cp.api_url + "/metrics")
                 yield _names(proxy_metrics) | _names(cp_metrics)
     finally:
         baseline.stop()
