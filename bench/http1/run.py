@@ -181,6 +181,8 @@ def tool_versions(paths: dict[str, str]) -> dict[str, str]:
         r = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "dataplane", "filters"],
                            capture_output=True, text=True, timeout=10, check=False)
         out["turnout_uncommitted_changes"] = str(bool(r.stdout.strip()))
+    # `make compile` builds the hot modules with mypyc; say which build was measured.
+    out["turnout_build"] = "mypyc" if any((ROOT / "dataplane").glob("proxy.*.so")) else "pure Python"
     return out
 
 
@@ -898,7 +900,8 @@ def report(summary: dict[str, Any], meta: dict[str, Any]) -> str:
     """The markdown report: results, diagnostics, ratios, verdicts, validity notes."""
     rows = summary["rows"]
     lines = [
-        f"### bench/http1 — {meta['date']}",
+        f"### bench/http1 — {meta['date']} — turnout {meta['versions'].get('turnout_build', '?')} "
+        f"at {meta['versions'].get('turnout_commit', '?')}",
         "",
         f"wrk -t{WRK_THREADS} -c{WRK_CONNECTIONS}, {meta['duration_s']:g} s per case; latency and CPU with h2load --h1 "
         f"at {meta['rate']:g} req/s for {meta['latency_duration_s']:g} s, routed key: *bursty* = -c{LATENCY_CLIENTS} "
