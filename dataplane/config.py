@@ -7,9 +7,11 @@ comment saying where the default comes from.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import os
 import socket
+import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -125,6 +127,22 @@ _LIMIT_FIELDS = {f.name: f for f in dataclasses.fields(Limits)}
 
 
 @dataclass(frozen=True)
+class ListenerTls:
+    """Certificate chain and key (PEM files) of a TLS listener; ALPN offers h2, http/1.1."""
+
+    cert_file: str
+    key_file: str
+
+    @functools.cached_property
+    def server_context(self) -> ssl.SSLContext:
+        """The server-side TLS context, built once per process (the files are read here)."""
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)  # TLS 1.2+ (RFC 9113 §9.2)
+        context.load_cert_chain(self.cert_file, self.key_file)
+        context.set_alpn_protocols(["h2", "http/1.1"])
+        return context
+
+
+@dataclass(frozen=True)
 class Listener:
     """One listening address: ``inbound`` fronts one service, ``outbound`` any service."""
 
@@ -135,6 +153,7 @@ class Listener:
     baseline: Address | None = None
     # outbound: authority (host[:port]) -> service name; unmapped authorities are their own name.
     authorities: Mapping[str, str] = field(default_factory=dict)
+    tls: ListenerTls | None = None  # TLS with ALPN h2 / http/1.1 instead of cleartext
 
 
 @dataclass(frozen=True)
@@ -220,7 +239,7 @@ TOP_FIELDS = frozenset({"admin", "routing", "listeners", "sessions", "limits", "
                         "tracing"})
 TRACING_FIELDS = frozenset({"sampling_ratio", "exporter", "endpoint", "path", "service_name"})
 CONTROL_PLANE_FIELDS = frozenset({"address", "protocol", "token_file", "tls", "node_id", "cluster", "state_path"})
-LISTENER_FIELDS = frozenset({"name", "address", "mode", "service", "baseline", "authorities"})
+LISTENER_FIELDS = frozenset({"name", "address", "mode", "service", "baseline", "authorities", "tls"})
 
 
 def load_config(path: str | Path, now: float | None = None) -> ProxyConfig:
@@ -417,10 +436,27 @@ def _listeners(spec: Any, problems: list[Problem]) -> tuple[Listener, ...]:
                 authorities = {k.lower(): v for k, v in raw.items()}
         else:
             problems.append(Problem(where + ".mode", "must be inbound or outbound"))
+        tls = _listener_tls(item.get("tls"), where + ".tls", problems)
         if len(problems) == before and address is not None:
             addresses.add(address)
-            out.append(Listener(str(name), address, mode, service, baseline, authorities))
+            out.append(Listener(str(name), address, mode, service, baseline, authorities, tls))
     return tuple(out)
+
+
+def _listener_tls(spec: Any, where: str, problems: list[Problem]) -> ListenerTls | None:
+    if spec is None:
+        return None
+    if (not isinstance(spec, Mapping) or set(spec) != {"cert_file", "key_file"}
+            or not all(isinstance(v, str) and v for v in spec.values())):
+        problems.append(Problem(where, "must be {cert_file: PEM file, key_file: PEM file}"))
+        return None
+    tls = ListenerTls(spec["cert_file"], spec["key_file"])
+    try:
+        tls.server_context  # noqa: B018 - loads the files now, so a bad one is a config error
+    except (OSError, ssl.SSLError) as exc:
+        problems.append(Problem(where, f"cannot load certificate/key: {exc}"))
+        return None
+    return tls
 
 
 def _limits(spec: Any, problems: list[Problem]) -> Limits:

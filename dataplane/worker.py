@@ -22,7 +22,7 @@ from dataplane.accesslog import AccessLog
 from dataplane.admin import Response, json_response, serve_connection, text_response
 from dataplane.config import ProxyConfig, load_config
 from dataplane.http1.codec import make_codec
-from dataplane.http2.sniff import Sniffer
+from dataplane.http2.sniff import Sniffer, server_tls
 from dataplane.http2.upstream import H2Pool
 from dataplane.metrics import Metrics
 from dataplane.mirror import MirrorManager
@@ -323,7 +323,8 @@ async def run_worker(config_path: str, codec_name: str, index: int, admin_socket
     servers: list[asyncio.AbstractServer] = []
     for listener in config.listeners:
         sock = bind_listener(listener.address.host, listener.address.port)
-        server = await loop.create_server(lambda lst=listener: Sniffer(state, lst), sock=sock)  # type: ignore[misc]
+        server = await loop.create_server(lambda lst=listener: Sniffer(state, lst), sock=sock,
+                                          ssl=server_tls(listener))
         servers.append(server)
     admin_servers: list[asyncio.AbstractServer] = []
     if admin_socket:

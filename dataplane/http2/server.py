@@ -91,13 +91,15 @@ class _ServerH2(_H2):
 
 
 class RequestLine:
-    """Method and target of an HTTP/2 request, as the access log reads them (``plan``)."""
+    """Method, target and fields of an HTTP/2 request, as the access log and the tracer
+    read them (an exchange's ``plan``)."""
 
-    __slots__ = ("method", "target")
+    __slots__ = ("method", "target", "headers")
 
-    def __init__(self, method: bytes, target: bytes) -> None:
+    def __init__(self, method: bytes, target: bytes, headers: Headers) -> None:
         self.method = method
         self.target = target
+        self.headers = headers
 
 
 class H2Connection(H2Link):
@@ -452,12 +454,12 @@ class H2Stream(H2UpstreamUser):
             raise _Malformed
         if len(pairs) > limits.max_header_count:
             conn.streams[stream_id] = stream = cls(conn, stream_id, "", _NO_ROUTE, _NO_ADDRESS,
-                                                   RequestLine(method, path), [], grpc, content_length)
+                                                   RequestLine(method, path, pairs), [], grpc, content_length)
             stream.request_done = ended
             stream.fail(HttpError(431, "too many header fields", "too_many_headers"), None)
             return
         listener = conn.listener
-        plan = RequestLine(method, path)
+        plan = RequestLine(method, path, pairs)
         authority_str = "" if authority is None else authority.decode("latin-1").lower()
         if listener.mode == "inbound":
             service = listener.service
@@ -827,7 +829,7 @@ def _upstream_headers(conn: H2Connection, head: RequestHead, method: bytes, auth
             out[baggage_index] = (b"baggage", out[baggage_index][1] + b"," + member)
     out.append((b"x-forwarded-for", conn.peer if xff is None else xff + b", " + conn.peer))
     if not proto:
-        out.append((b"x-forwarded-proto", b"http"))
+        out.append((b"x-forwarded-proto", b"http" if conn.listener.tls is None else b"https"))
     return out
 
 

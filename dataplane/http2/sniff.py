@@ -1,9 +1,11 @@
-"""One port for HTTP/1.1 and HTTP/2 with prior knowledge: the first bytes decide.
+"""One port for HTTP/1.1 and HTTP/2: the first bytes decide, or TLS ALPN does.
 
-A connection starting with the HTTP/2 client preface is handed to ``H2Connection``,
-anything else to the HTTP/1.1 ``Downstream``. The chosen protocol then owns the
-transport as if it had accepted it, and is given the bytes read so far. The cost is one
-protocol switch per connection; requests never pass through here.
+Cleartext: a connection starting with the HTTP/2 client preface is handed to
+``H2Connection``, anything else to the HTTP/1.1 ``Downstream``. TLS listeners
+(``server_tls``): ALPN ``h2`` picks ``H2Connection``, anything else ``Downstream``.
+The chosen protocol then owns the transport as if it had accepted it, and is given the
+bytes read so far. The cost is one protocol switch per connection; requests never pass
+through here.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from dataplane.http2.server import H2Connection
 from dataplane.proxy import Downstream
 
 if TYPE_CHECKING:
+    from ssl import SSLContext
+
     from dataplane.config import Listener
     from dataplane.worker import WorkerState
 
@@ -37,6 +41,11 @@ class Sniffer(asyncio.Protocol):
             # Over the cap: Downstream answers 503 at once, without waiting for a byte.
             self._hand_over(Downstream(self.state, self.listener), b"")
             return
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            # A TLS listener: the handshake is done and ALPN has chosen.
+            self._hand_over(self._protocol(ssl_object.selected_alpn_protocol() == "h2"), b"")
+            return
         # A client that never speaks is closed as Downstream would close it.
         self._timer = self.state.loop.call_later(self.state.limits.header_read_timeout_s, self._timed_out)
 
@@ -49,12 +58,12 @@ class Sniffer(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        protocol: asyncio.Protocol
-        if buf.startswith(PREFACE):
-            protocol = H2Connection(self.state, self.listener)
-        else:
-            protocol = Downstream(self.state, self.listener)
-        self._hand_over(protocol, buf)
+        self._hand_over(self._protocol(buf.startswith(PREFACE)), buf)
+
+    def _protocol(self, http2: bool) -> asyncio.Protocol:
+        if http2:
+            return H2Connection(self.state, self.listener)
+        return Downstream(self.state, self.listener)
 
     def _hand_over(self, protocol: asyncio.Protocol, buf: bytes) -> None:
         transport = self.transport
@@ -83,3 +92,8 @@ class Sniffer(asyncio.Protocol):
             self._timer = None
         if self.transport is not None:
             self.transport.close()
+
+
+def server_tls(listener: Listener) -> SSLContext | None:
+    """The TLS context a listener is served with, or None for cleartext."""
+    return None if listener.tls is None else listener.tls.server_context

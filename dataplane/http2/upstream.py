@@ -99,11 +99,12 @@ class H2Upstream(H2Link):
                 else:
                     self.acknowledge(event.stream_id, event.flow_controlled_length)
             elif isinstance(event, ResponseReceived):
-                user = users.get(event.stream_id)
+                ended = event.stream_ended is not None
+                user = users.pop(event.stream_id, None) if ended else users.get(event.stream_id)
                 if user is not None:
-                    user.on_up_headers(event.headers, event.stream_ended is not None)
-                    if event.stream_ended is not None:
-                        self.forget_stream(event.stream_id)
+                    if ended:
+                        self._stream_gone()  # a trailers-only response: the stream is over
+                    user.on_up_headers(event.headers, ended)
             elif isinstance(event, TrailersReceived):
                 user = users.pop(event.stream_id, None)
                 if user is not None:

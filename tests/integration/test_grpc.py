@@ -8,6 +8,7 @@ sandbox-down cases (fallback ``error`` → UNAVAILABLE naming the session, fallb
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -240,3 +241,54 @@ def test_baseline_down_is_unavailable(tmp_path: Path) -> None:
         with pytest.raises(grpc.RpcError) as info:
             channel.unary_unary(f"/{SERVICE}/Unary")(b"hi", timeout=10)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_metrics_and_access_log_cover_grpc(tmp_path: Path) -> None:
+    baseline = GrpcUpstream("baseline")
+    sandbox = GrpcUpstream("sandbox")
+    log_path = tmp_path / "access.log"
+    try:
+        config = grpc_config(free_port(), baseline.address, sandbox.address, closed_port())
+        config["access_log"] = {"path": str(log_path)}
+        with running_proxy(config, tmp_path) as proxy:
+            with grpc.insecure_channel(f"127.0.0.1:{proxy.port}") as channel:
+                unary = channel.unary_unary(f"/{SERVICE}/Unary")
+                assert unary(b"a", metadata=_session("sbx"), timeout=10) == b"sandbox:a"
+                with pytest.raises(grpc.RpcError):
+                    unary(b"b", metadata=_session("dead-err"), timeout=10)
+            status, metrics = proxy.admin_get("/metrics")
+            assert status == 200
+            assert 'service="echo"' in metrics and 'route="sandbox"' in metrics
+            deadline = time.monotonic() + 5
+            lines: list[dict[str, Any]] = []
+            while time.monotonic() < deadline and len(lines) < 2:
+                time.sleep(0.05)
+                if log_path.exists():
+                    lines = [json.loads(line) for line in log_path.read_text().splitlines()]
+            assert [(e["method"], e["target"], e["session"], e["status"]) for e in lines] == [
+                ("POST", f"/{SERVICE}/Unary", "sbx-1", 200),
+                ("POST", f"/{SERVICE}/Unary", "dead-error", 200),  # trailers-only UNAVAILABLE
+            ]
+    finally:
+        baseline.stop()
+        sandbox.stop()
+
+
+def test_grpc_over_tls_with_alpn_h2(tmp_path: Path) -> None:
+    from tests.integration.test_http2 import make_certificate
+
+    cert, key = make_certificate(tmp_path)
+    baseline = GrpcUpstream("baseline")
+    sandbox = GrpcUpstream("sandbox")
+    try:
+        config = grpc_config(free_port(), baseline.address, sandbox.address, closed_port())
+        config["listeners"][0]["tls"] = {"cert_file": cert, "key_file": key}
+        with running_proxy(config, tmp_path) as proxy:
+            credentials = grpc.ssl_channel_credentials(root_certificates=Path(cert).read_bytes())
+            with grpc.secure_channel(f"127.0.0.1:{proxy.port}", credentials) as channel:
+                unary = channel.unary_unary(f"/{SERVICE}/Unary")
+                assert unary(b"t", metadata=_session("sbx"), timeout=10) == b"sandbox:t"
+                assert unary(b"t", timeout=10) == b"baseline:t"
+    finally:
+        baseline.stop()
+        sandbox.stop()

@@ -538,3 +538,55 @@ def test_drain_sends_goaway_twice_and_finishes_streams(tmp_path: Path) -> None:
             proxy.stop()
         baseline.stop()
         sandbox.stop()
+
+
+def make_certificate(tmp: Path) -> tuple[str, str]:
+    """A self-signed certificate for localhost and 127.0.0.1: (cert file, key file)."""
+    cert, key = tmp / "cert.pem", tmp / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"], check=True, capture_output=True,
+                   timeout=30)
+    return str(cert), str(key)
+
+
+def test_tls_listener_speaks_h2_and_http1_by_alpn(tmp_path: Path) -> None:
+    cert, key = make_certificate(tmp_path)
+    baseline = H2Upstream("baseline")
+    sandbox = H2Upstream("sandbox")
+    try:
+        config = h2_config(free_port(), baseline.address, sandbox.address)
+        config["listeners"][0]["tls"] = {"cert_file": cert, "key_file": key}
+        with running_proxy(config, tmp_path) as proxy:
+            url = f"https://127.0.0.1:{proxy.port}/tls"
+            out = subprocess.run(["curl", "-sk", "--http2", "-H", "baggage: turnout-session=sbx", "-D", "-", url],
+                                 capture_output=True, timeout=10, check=True).stdout
+            head, _, body = out.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/2 200"), head
+            seen = dict(json.loads(body)["headers"])
+            assert seen["x-forwarded-proto"] == "https"
+            assert json.loads(body)["upstream"] == "sandbox"
+            # ALPN http/1.1 goes to the HTTP/1.1 path (whose upstream pool speaks HTTP/1.1).
+            out = subprocess.run(["curl", "-sk", "--http1.1", "-o", "/dev/null", "-w", "%{http_version}", url],
+                                 capture_output=True, timeout=10, check=True).stdout
+            assert out == b"1.1"
+            # Cleartext on a TLS listener is not served.
+            assert raw_exchange(proxy.port, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", timeout_s=3)[:5] != b"HTTP/"
+    finally:
+        baseline.stop()
+        sandbox.stop()
+
+
+def test_tls_listener_config_is_validated(tmp_path: Path) -> None:
+    from dataplane.config import parse_config
+    from dataplane.rules import ConfigError
+
+    listener = inbound("in", free_port(), "users", "127.0.0.1:1")
+    for spec, words in [({"cert_file": "x"}, "cert_file"),
+                        ({"cert_file": str(tmp_path / "no.pem"), "key_file": str(tmp_path / "no.pem")}, "cannot load")]:
+        with pytest.raises(ConfigError) as info:
+            parse_config({"listeners": [{**listener, "tls": spec}]})
+        assert "listeners[0].tls" in str(info.value) and words in str(info.value)
+    cert, key = make_certificate(tmp_path)
+    config = parse_config({"listeners": [{**listener, "tls": {"cert_file": cert, "key_file": key}}]})
+    assert config.listeners[0].tls is not None
