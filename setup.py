@@ -1,0 +1,27 @@
+"""Build hook for the compiled build: ``TURNOUT_MYPYC=1`` compiles the per-request modules.
+
+Everything else about the package is in pyproject.toml. Without the variable this adds
+nothing and the package is pure Python (what ``make test`` and CI install). With it,
+mypyc (from mypy) turns the modules below into C extensions that Python imports before the
+``.py`` files: ``make compile`` builds them in place, deploy/Dockerfile builds the image's
+wheel this way. Modules here must be compiled together (a class they subclass must be too).
+"""
+
+import os
+
+from setuptools import setup
+
+# The per-request path of the HTTP/1.1 proxy and the routing decision.
+HOT_MODULES = [
+    "dataplane/http1/scan.py", "dataplane/http1/semantics.py", "dataplane/http1/framing.py",
+    "dataplane/http1/codec.py", "dataplane/proxy.py", "dataplane/upstream.py", "dataplane/mirror.py",
+    "dataplane/metrics.py", "filters/baggage.py", "filters/keys.py", "filters/head.py", "filters/matchers.py",
+    "filters/snapshot.py",
+]
+
+if os.environ.get("TURNOUT_MYPYC") == "1":
+    from mypyc.build import mypycify
+
+    setup(ext_modules=mypycify(HOT_MODULES, opt_level="3"))
+else:
+    setup()
