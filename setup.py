@@ -22,6 +22,7 @@ HOT_MODULES = [
 if os.environ.get("TURNOUT_MYPYC") == "1":
     from mypyc.build import mypycify
 
-    setup(ext_modules=mypycify(HOT_MODULES, opt_level="3"))
+    # The shared runtime goes inside a package, so the console script finds it from any directory.
+    setup(ext_modules=mypycify(HOT_MODULES, opt_level="3", group_name="turnout.hot"))
 else:
     setup()
