@@ -188,7 +188,9 @@ class HttpServer:
                 # Cancellable at shutdown only while no byte of the next request has arrived.
                 self._connections[task] = not started
                 try:
-                    data = await asyncio.wait_for(reader.read(65536), timeout_s)
+                    # asyncio.timeout, not wait_for: no task per read (3.11's wait_for makes one).
+                    async with asyncio.timeout(timeout_s):
+                        data = await reader.read(65536)
                 except TimeoutError:
                     if not started:
                         raise  # an idle keep-alive connection: close it quietly
@@ -232,7 +234,8 @@ class HttpServer:
         if reply.body:
             writer.write(conn.send(h11.Data(data=reply.body)) or b"")
         writer.write(conn.send(h11.EndOfMessage()) or b"")
-        await asyncio.wait_for(writer.drain(), IDLE_TIMEOUT_S)
+        async with asyncio.timeout(IDLE_TIMEOUT_S):
+            await writer.drain()
 
 
 async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
