@@ -517,15 +517,17 @@ class H2Stream(H2UpstreamUser):
         except HttpError as exc:
             self._upstream_failed(exc)
             return
-        if not self.finished:
-            self._bind(conn)
+        if self.finished:
+            conn.release()
+        else:
+            self._bind(conn, True)
 
-    def _bind(self, conn: H2Upstream) -> None:
+    def _bind(self, conn: H2Upstream, reserved: bool = False) -> None:
         pending = self._pending
         self._pending = None
         end = self.request_done and not pending and self._request_trailers is None
         try:
-            self.up_stream_id = conn.open_stream(self, self.upstream_headers, end)
+            self.up_stream_id = conn.open_stream(self, self.upstream_headers, end, reserved)
         except ProtocolError:
             # The connection went away between choosing it and using it: nothing was sent.
             self._pending = pending

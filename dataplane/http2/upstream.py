@@ -16,6 +16,7 @@ from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
     DataReceived,
+    RemoteSettingsChanged,
     ResponseReceived,
     StreamEnded,
     StreamReset,
@@ -61,6 +62,9 @@ class H2Upstream(H2Link):
         self.users: dict[int, H2UpstreamUser] = {}
         self.going_away = False
         self.idle_since = 0.0
+        self.reserved = 0  # streams promised to callers of H2Pool.connect, not yet opened
+        # Set by the peer's first SETTINGS: until then its max_concurrent_streams is unknown.
+        self.ready: asyncio.Future[None] = pool.state.loop.create_future()
 
     # ------------------------------------------------------------------ asyncio callbacks
 
@@ -127,6 +131,10 @@ class H2Upstream(H2Link):
                     self._stream_gone()
                     user.on_up_reset(event.error_code or ErrorCodes.INTERNAL_ERROR,
                                      event.error_code == ErrorCodes.REFUSED_STREAM)
+            elif isinstance(event, RemoteSettingsChanged):
+                if not self.ready.done():
+                    self.ready.set_result(None)
+                self.pump_all()  # a new initial window may let queued data go
             elif isinstance(event, ConnectionTerminated):
                 self.going_away = True
                 self._fail_all(ErrorCodes.REFUSED_STREAM, event.last_stream_id)
@@ -134,6 +142,9 @@ class H2Upstream(H2Link):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError("closed before SETTINGS"))
+            self.ready.exception()  # retrieved: the connect that awaits it reports the failure
         self.pool.forget(self)
         self._fail_all(ErrorCodes.INTERNAL_ERROR, None)
 
@@ -142,16 +153,25 @@ class H2Upstream(H2Link):
     def has_capacity(self) -> bool:
         """Whether another stream may be opened now."""
         return (not self.closed and not self.going_away
-                and len(self.users) < self.h2.remote_settings.max_concurrent_streams)
+                and len(self.users) + self.reserved < self.h2.remote_settings.max_concurrent_streams)
 
-    def open_stream(self, user: H2UpstreamUser, headers: Headers, end: bool) -> int:
-        """Send a request head on a new stream; returns its id."""
+    def open_stream(self, user: H2UpstreamUser, headers: Headers, end: bool, reserved: bool) -> int:
+        """Send a request head on a new stream (taking the caller's reservation, if any);
+        returns its id."""
+        if reserved:
+            self.reserved -= 1
         h2 = self.h2
         stream_id = h2.get_next_available_stream_id()
         h2.send_headers(stream_id, headers, end_stream=end)
         self.users[stream_id] = user
         self.flush()
         return stream_id
+
+    def release(self) -> None:
+        """Give back a stream reserved by ``H2Pool.connect`` and not used."""
+        self.reserved -= 1
+        if not self.users and not self.reserved:
+            self.idle_since = self.pool.state.loop_time()
 
     def forget_stream(self, stream_id: int) -> None:
         """The downstream is done with a stream: cancel it if it is still open."""
@@ -205,14 +225,19 @@ class H2Pool:
         return None
 
     async def connect(self, address: Address) -> H2Upstream:
-        """A connection with room for a stream, joining a connect already under way;
-        raises ``HttpError`` 503 on failure or timeout."""
+        """A connection with one stream reserved for the caller (``open_stream`` takes it,
+        ``release`` gives it back), joining connects already under way while they have
+        room; raises ``HttpError`` 503 on failure or timeout."""
         key = (address.host, address.port)
-        pending = self._connecting.get(key)
-        if pending is not None:
-            conn = await asyncio.shield(pending)
-            if conn.has_capacity():
+        for _ in range(16):  # bounded: every round waits for one connect to finish
+            conn = self.acquire(address)
+            if conn is not None:
+                conn.reserved += 1
                 return conn
+            pending = self._connecting.get(key)
+            if pending is None:
+                break
+            await asyncio.shield(pending)
         future: asyncio.Future[H2Upstream] = self.state.loop.create_future()
         self._connecting[key] = future
         try:
@@ -224,18 +249,27 @@ class H2Pool:
         finally:
             if self._connecting.get(key) is future:
                 del self._connecting[key]
+        conn.reserved += 1
         future.set_result(conn)
         return conn
 
     async def _open(self, address: Address) -> H2Upstream:
         loop = self.state.loop
+        conn: H2Upstream | None = None
         try:
             async with asyncio.timeout(self.state.limits.upstream_connect_timeout_s):
                 _, conn = await loop.create_connection(lambda: H2Upstream(self, address),
                                                        address.host, address.port)
+                # Streams are counted against the peer's max_concurrent_streams, which its
+                # SETTINGS carry: one round trip on a new connection, never per request.
+                await conn.ready
         except TimeoutError:
+            if conn is not None:
+                conn.close()
             raise HttpError(503, "connect to " + str(address) + " timed out", "connect_timeout") from None
         except OSError as exc:
+            if conn is not None:
+                conn.close()
             reason = exc.strerror or type(exc).__name__
             raise HttpError(503, "connect to " + str(address) + " failed: " + reason, "connect_failed") from None
         self._conns.setdefault(conn.key, []).append(conn)
@@ -257,7 +291,7 @@ class H2Pool:
         limit = self.state.loop_time() - self.state.limits.upstream_idle_timeout_s
         for conns in list(self._conns.values()):
             for conn in list(conns):
-                if not conn.users and conn.idle_since < limit:
+                if not conn.users and not conn.reserved and conn.idle_since < limit:
                     conn.close()
         if self._conns:
             self.state.loop.call_later(1.0, self._sweep)

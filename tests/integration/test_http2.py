@@ -26,6 +26,7 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
+import h2.settings
 import pytest
 from hyperframe.frame import PingFrame, SettingsFrame, WindowUpdateFrame
 
@@ -60,11 +61,15 @@ class H2Upstream:
     """An HTTP/2 server (h2, asyncio, in a thread) that records requests and resets.
 
     Paths: ``/hang`` never answers; ``/big?<n>`` answers n bytes; ``/grpc`` answers a
-    gRPC-shaped response with trailers; anything else echoes the request as JSON.
+    gRPC-shaped response with trailers; ``/noack`` never acknowledges request DATA (its
+    flow-control window stays shut); anything else echoes the request as JSON.
     """
 
-    def __init__(self, label: str) -> None:
+    def __init__(self, label: str, max_streams: int | None = None) -> None:
         self.label = label.encode()
+        self.max_streams = max_streams
+        self.received_bytes = 0  # request body bytes, on every stream
+        self.open_streams = 0  # requests whose head arrived and that were not answered or reset
         self.requests: list[Seen] = []
         self.resets: list[int] = []
         self.connections = 0
@@ -113,6 +118,9 @@ class _H2ServerProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.owner.connections += 1
+        if self.owner.max_streams is not None:
+            self.conn.local_settings = h2.settings.Settings(client=False, initial_values={
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.owner.max_streams})
         self.conn.initiate_connection()
         self._flush()
 
@@ -124,15 +132,20 @@ class _H2ServerProtocol(asyncio.Protocol):
         for event in self.conn.receive_data(data):
             if isinstance(event, h2.events.RequestReceived):
                 self.streams[event.stream_id] = Seen(list(event.headers))
+                self.owner.open_streams += 1
             elif isinstance(event, h2.events.DataReceived):
-                self.streams[event.stream_id].body += event.data
-                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                seen = self.streams[event.stream_id]
+                seen.body += event.data
+                self.owner.received_bytes += len(event.data)
+                if seen.header(b":path") != b"/noack":
+                    self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
             elif isinstance(event, h2.events.TrailersReceived):
                 self.streams[event.stream_id].trailers = list(event.headers)
             elif isinstance(event, h2.events.StreamEnded):
                 self._answer(event.stream_id)
             elif isinstance(event, h2.events.StreamReset):
                 self.owner.resets.append(event.stream_id)
+                self.owner.open_streams -= 1
                 self.pending.pop(event.stream_id, None)
             elif isinstance(event, h2.events.WindowUpdated):
                 for stream_id in list(self.pending):
@@ -145,6 +158,7 @@ class _H2ServerProtocol(asyncio.Protocol):
         path = seen.header(b":path") or b"/"
         if path == b"/hang":
             return
+        self.owner.open_streams -= 1
         if path.startswith(b"/big?"):
             size = int(path[5:])
             self.conn.send_headers(stream_id, [(b":status", b"200"), (b"content-length", b"%d" % size)])
@@ -222,6 +236,7 @@ class H2Client:
         deadline = time.monotonic() + timeout_s
         while not until() and time.monotonic() < deadline and not self.closed:
             try:
+                self.sock.settimeout(max(0.01, deadline - time.monotonic()))
                 data = self.sock.recv(1 << 16)
             except TimeoutError:
                 continue
@@ -590,3 +605,60 @@ def test_tls_listener_config_is_validated(tmp_path: Path) -> None:
     cert, key = make_certificate(tmp_path)
     config = parse_config({"listeners": [{**listener, "tls": {"cert_file": cert, "key_file": key}}]})
     assert config.listeners[0].tls is not None
+
+
+def test_upstream_streams_multiplex_and_spill_over_at_max_concurrent_streams(tmp_path: Path) -> None:
+    baseline = H2Upstream("baseline", max_streams=2)
+    sandbox = H2Upstream("sandbox")
+    try:
+        with running_proxy(h2_config(free_port(), baseline.address, sandbox.address), tmp_path) as proxy:
+            c = H2Client(proxy.port)
+            try:
+                for _ in range(4):
+                    assert c.response(c.request("/ok"))[0][b":status"] == b"200"
+                assert baseline.connections == 1  # one connection, reused
+                hangs = [c.request("/hang") for _ in range(6)]
+                deadline = time.monotonic() + 5
+                while baseline.open_streams < 6 and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                assert baseline.open_streams == 6
+                assert baseline.connections == 3  # two streams each: the peer's SETTINGS are obeyed
+                for s in hangs:
+                    c.conn.reset_stream(s, h2.errors.ErrorCodes.CANCEL)
+                c.send()
+                deadline = time.monotonic() + 5
+                while baseline.open_streams and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                assert baseline.open_streams == 0  # the client's resets reached the upstream
+            finally:
+                c.close()
+    finally:
+        baseline.stop()
+        sandbox.stop()
+
+
+def test_slow_upstream_reader_bounds_the_request_body_in_flight(hstack: H2Stack, client: H2Client) -> None:
+    # The upstream never acknowledges: the proxy may hold one window per side, no more.
+    before = hstack.baseline.received_bytes
+    stream = client.conn.get_next_available_stream_id()
+    client.conn.send_headers(stream, [(":method", "POST"), (":scheme", "http"), (":authority", "users"),
+                                      (":path", "/noack")])
+    client.send()
+    client.pump(lambda: False, timeout_s=0.3)  # the proxy's SETTINGS: its window
+    sent = 0
+    deadline = time.monotonic() + 1.5  # within upstream_response_timeout_s
+    while time.monotonic() < deadline and sent < 8_000_000:
+        window = min(client.conn.local_flow_control_window(stream), client.conn.max_outbound_frame_size)
+        if window <= 0:
+            client.pump(lambda: False, timeout_s=0.1)
+            continue
+        client.conn.send_data(stream, b"u" * window)
+        client.send()
+        sent += window
+    time.sleep(0.3)
+    upstream_got = hstack.baseline.received_bytes - before
+    assert upstream_got <= 256 * 1024  # the upstream's window, as it never acknowledged
+    assert sent <= upstream_got + 2 * 256 * 1024  # plus at most one stream window held in the proxy
+    assert sent < 8_000_000
+    client.conn.reset_stream(stream, h2.errors.ErrorCodes.CANCEL)
+    client.send()
