@@ -61,7 +61,8 @@ class H2Upstream:
     """An HTTP/2 server (h2, asyncio, in a thread) that records requests and resets.
 
     Paths: ``/hang`` never answers; ``/big?<n>`` answers n bytes; ``/grpc`` answers a
-    gRPC-shaped response with trailers; ``/noack`` never acknowledges request DATA (its
+    gRPC-shaped response with trailers; ``/goaway`` is refused the first time with a GOAWAY
+    below its stream id (never processed); ``/noack`` never acknowledges request DATA (its
     flow-control window stays shut); anything else echoes the request as JSON.
     """
 
@@ -72,6 +73,7 @@ class H2Upstream:
         self.open_streams = 0  # requests whose head arrived and that were not answered or reset
         self.requests: list[Seen] = []
         self.resets: list[int] = []
+        self.went_away = False  # /goaway was refused once already
         self.connections = 0
         self.port = 0
         self._loop = asyncio.new_event_loop()
@@ -159,6 +161,11 @@ class _H2ServerProtocol(asyncio.Protocol):
         if path == b"/hang":
             return
         self.owner.open_streams -= 1
+        if path == b"/goaway" and not self.owner.went_away:
+            # Shut down before processing it: a GOAWAY whose last stream id is below this one.
+            self.owner.went_away = True
+            self.conn.close_connection(last_stream_id=stream_id - 2)
+            return
         if path.startswith(b"/big?"):
             size = int(path[5:])
             self.conn.send_headers(stream_id, [(b":status", b"200"), (b"content-length", b"%d" % size)])
@@ -662,3 +669,13 @@ def test_slow_upstream_reader_bounds_the_request_body_in_flight(hstack: H2Stack,
     assert sent < 8_000_000
     client.conn.reset_stream(stream, h2.errors.ErrorCodes.CANCEL)
     client.send()
+
+
+def test_streams_above_an_upstream_goaway_are_retried(hstack: H2Stack, client: H2Client) -> None:
+    assert client.response(client.request("/warm"))[0][b":status"] == b"200"  # a pooled connection
+    connections = hstack.baseline.connections
+    headers, body = client.response(client.request("/goaway"))
+    assert headers[b":status"] == b"200"
+    assert json.loads(body)["upstream"] == "baseline"
+    assert hstack.baseline.connections == connections + 1  # retried on a fresh connection
+    assert sum(1 for r in hstack.baseline.requests if r.header(b":path") == b"/goaway") == 2
