@@ -47,11 +47,12 @@ def add_commands(sub: Any) -> None:
     check.set_defaults(func=_cmd_check_config)
 
     demo = sub.add_parser(
-        "demo", help="run labelled upstreams and the proxy, and show every routing case",
-        description="Start a baseline, a sandbox and a mirror-target upstream, the proxy with demo sessions, "
-        "send one request per routing case and print where each went; then print curl lines and the admin "
-        "URLs and keep running until Ctrl-C.")
-    demo.add_argument("--once", action="store_true", help="exit after printing the routing table")
+        "demo", help="run upstreams, the control plane and the proxy, and show every routing case",
+        description="Start a baseline, a sandbox and a mirror-target upstream, the control plane, and the proxy "
+        "with demo sessions; send one request per routing case and print where each went; create a session "
+        "through the control plane with `turnout session create` and show the proxy routing it; then print "
+        "curl lines, the session commands and the admin URLs and keep running until Ctrl-C.")
+    demo.add_argument("--once", action="store_true", help="exit after printing the tables")
     demo.set_defaults(func=_cmd_demo)
 
     explain = sub.add_parser(
