@@ -121,6 +121,12 @@ class Limits:
     # Graceful drain: advisory GOAWAY, then the final one this much later. Envoy waits its
     # drain_timeout (5 s); 1 s covers in-flight streams' round trips and keeps drains short.
     h2_goaway_grace_s: float = 1.0
+    # Liveness of upstream HTTP/2 connections with streams in flight: a PING after this
+    # long without a frame, and the connection is closed (its streams fail) when nothing
+    # answers within the timeout. gRPC servers refuse pings more often than every 5 min
+    # without data (min_recv_ping_interval_without_data); 20 s is gRPC's keepalive_timeout.
+    h2_upstream_ping_interval_s: float = 300.0
+    h2_upstream_ping_timeout_s: float = 20.0
 
 
 _LIMIT_FIELDS = {f.name: f for f in dataclasses.fields(Limits)}

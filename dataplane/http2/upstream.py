@@ -63,6 +63,8 @@ class H2Upstream(H2Link):
         self.going_away = False
         self.idle_since = 0.0
         self.reserved = 0  # streams promised to callers of H2Pool.connect, not yet opened
+        self.last_frame_at = 0.0  # loop time of the last read: the peer is alive
+        self.ping_sent_at = 0.0  # a liveness PING is outstanding since then (0: none)
         # Set by the peer's first SETTINGS: until then its max_concurrent_streams is unknown.
         self.ready: asyncio.Future[None] = pool.state.loop.create_future()
 
@@ -85,6 +87,8 @@ class H2Upstream(H2Link):
         self.idle_since = self.pool.state.loop_time()
 
     def data_received(self, data: bytes) -> None:
+        self.last_frame_at = self.pool.state.loop_time()
+        self.ping_sent_at = 0.0  # any frame proves the peer alive, a PING ACK included
         try:
             events = self.h2.receive_data(data)
         except ProtocolError:
@@ -166,6 +170,21 @@ class H2Upstream(H2Link):
         self.users[stream_id] = user
         self.flush()
         return stream_id
+
+    def check_liveness(self, now: float) -> None:
+        """PING a quiet connection that carries streams; close it if the PING goes unanswered."""
+        if not self.users or self.closed:
+            return
+        limits = self.pool.state.limits
+        if self.ping_sent_at:
+            if now - self.ping_sent_at >= limits.h2_upstream_ping_timeout_s:
+                self.close()
+                if self.transport is not None:
+                    self.transport.abort()  # a dead peer never drains what close() would flush
+        elif now - self.last_frame_at >= limits.h2_upstream_ping_interval_s:
+            self.ping_sent_at = now
+            self.h2.ping(b"turnout!")
+            self.flush()
 
     def release(self) -> None:
         """Give back a stream reserved by ``H2Pool.connect`` and not used."""
@@ -287,12 +306,15 @@ class H2Pool:
                 del self._conns[conn.key]
 
     def _sweep(self) -> None:
-        # Once a second while any connection exists: close those idle too long.
-        limit = self.state.loop_time() - self.state.limits.upstream_idle_timeout_s
+        # Once a second while any connection exists: close those idle too long, PING quiet ones.
+        now = self.state.loop_time()
+        limit = now - self.state.limits.upstream_idle_timeout_s
         for conns in list(self._conns.values()):
             for conn in list(conns):
                 if not conn.users and not conn.reserved and conn.idle_since < limit:
                     conn.close()
+                else:
+                    conn.check_liveness(now)
         if self._conns:
             self.state.loop.call_later(1.0, self._sweep)
         else:

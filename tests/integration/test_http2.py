@@ -63,7 +63,8 @@ class H2Upstream:
     Paths: ``/hang`` never answers; ``/big?<n>`` answers n bytes; ``/grpc`` answers a
     gRPC-shaped response with trailers; ``/goaway`` is refused the first time with a GOAWAY
     below its stream id (never processed); ``/noack`` never acknowledges request DATA (its
-    flow-control window stays shut); anything else echoes the request as JSON.
+    flow-control window stays shut); ``/freeze`` makes the connection go silent, PINGs
+    included; anything else echoes the request as JSON.
     """
 
     def __init__(self, label: str, max_streams: int | None = None) -> None:
@@ -116,6 +117,7 @@ class _H2ServerProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, Seen] = {}
         self.pending: dict[int, bytes] = {}
+        self.frozen = False  # after /freeze: reads nothing, answers nothing (a hung peer)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -131,6 +133,8 @@ class _H2ServerProtocol(asyncio.Protocol):
         self.transport.write(self.conn.data_to_send())
 
     def data_received(self, data: bytes) -> None:
+        if self.frozen:
+            return
         for event in self.conn.receive_data(data):
             if isinstance(event, h2.events.RequestReceived):
                 self.streams[event.stream_id] = Seen(list(event.headers))
@@ -159,6 +163,9 @@ class _H2ServerProtocol(asyncio.Protocol):
         self.owner.requests.append(seen)
         path = seen.header(b":path") or b"/"
         if path == b"/hang":
+            return
+        if path == b"/freeze":
+            self.frozen = True
             return
         self.owner.open_streams -= 1
         if path == b"/goaway" and not self.owner.went_away:
@@ -679,3 +686,19 @@ def test_streams_above_an_upstream_goaway_are_retried(hstack: H2Stack, client: H
     assert json.loads(body)["upstream"] == "baseline"
     assert hstack.baseline.connections == connections + 1  # retried on a fresh connection
     assert sum(1 for r in hstack.baseline.requests if r.header(b":path") == b"/goaway") == 2
+
+
+def test_a_silent_upstream_fails_its_streams_after_an_unanswered_ping(tmp_path: Path) -> None:
+    # gRPC: no route timeout, only idle timeouts; liveness PINGs find the hung upstream.
+    with h2_stack(tmp_path, h2_upstream_ping_interval_s=0.5, h2_upstream_ping_timeout_s=0.5) as stack:
+        c = H2Client(stack.port)
+        try:
+            started = time.monotonic()
+            stream = c.request("/freeze", "POST", body=b"\x00\x00\x00\x00\x00",
+                               extra=[("content-type", "application/grpc")])
+            headers, _ = c.response(stream, timeout_s=8)
+            assert headers[b"grpc-status"] == b"14"
+            assert time.monotonic() - started < 6
+            assert c.response(c.request("/ok"))[0][b":status"] == b"200"  # a new connection serves
+        finally:
+            c.close()
