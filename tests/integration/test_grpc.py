@@ -292,3 +292,22 @@ def test_grpc_over_tls_with_alpn_h2(tmp_path: Path) -> None:
     finally:
         baseline.stop()
         sandbox.stop()
+
+
+def test_bidi_large_messages_both_ways_at_once(gstack: GrpcStack) -> None:
+    # Requests are sent without waiting for replies: both directions fill their windows at
+    # once, which must not deadlock the proxy's flow control.
+    messages = [bytes([i]) * (1024 * 1024) for i in range(24)]
+    replies = list(gstack.call("stream_stream", "Bidi")(iter(messages), metadata=_session("sbx"), timeout=30))
+    assert replies == [b"sandbox:" + m for m in messages]
+
+
+def test_grpc_timeout_values() -> None:
+    from dataplane.http2.grpc import parse_grpc_timeout
+
+    assert parse_grpc_timeout(b"300m") == pytest.approx(0.3)
+    assert parse_grpc_timeout(b"2S") == 2.0
+    assert parse_grpc_timeout(b"1H") == 3600.0
+    assert parse_grpc_timeout(b"99999999n") == pytest.approx(0.099999999)
+    for bad in (b"", b"m", b"123456789S", b"12x", b"-1S", b"1.5S"):
+        assert parse_grpc_timeout(bad) is None

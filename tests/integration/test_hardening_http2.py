@@ -216,3 +216,37 @@ def test_mass_reset_after_responses_is_not_counted_as_abuse(tmp_path: Path) -> N
         finally:
             c.close()
 
+
+
+def worker_rss_bytes(stack: H2Stack) -> int:
+    """Resident memory of the proxy's worker processes (children of the supervisor)."""
+    pid = stack.proxy.process.pid
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    total = 0
+    for child in children:
+        for line in Path(f"/proc/{child}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+def test_window_zero_with_large_responses_keeps_memory_bounded(hard: H2Stack) -> None:
+    # Ten 8 MB responses to a client that never opens its window: 80 MB if buffered; the
+    # proxy holds about one window per stream per side instead.
+    before = worker_rss_bytes(hard)
+    c = H2Client(hard.port)
+    try:
+        streams = [c.request("/big?8000000") for _ in range(10)]
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:  # read frames but never acknowledge any DATA
+            try:
+                c.sock.settimeout(0.1)
+                c.conn.receive_data(c.sock.recv(1 << 16))
+            except TimeoutError:
+                continue
+        grown = worker_rss_bytes(hard) - before
+        assert grown < 30 * 1024 * 1024, f"the worker grew by {grown} bytes"
+        assert all(not c.ended(s) for s in streams)
+    finally:
+        c.close()
+    assert_served(hard)
