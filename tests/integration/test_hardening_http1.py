@@ -30,6 +30,7 @@ from tests.integration.support import (
     free_port,
     inbound,
     parse_responses,
+    raw_exchange,
     running_proxy,
 )
 
@@ -493,8 +494,16 @@ def test_fragment_in_origin_form_target_is_refused(stack: Stack) -> None:
     reject(stack, b"GET /admin#x HTTP/1.1\r\nHost: a\r\n\r\n", 400, r"fragment|target")
 
 
-def test_http2_preface_on_the_http1_listener_is_refused(stack: Stack) -> None:
-    reject(stack, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 400, r"version|malformed|method")
+def test_http2_preface_is_served_as_http2_never_parsed_as_http1(stack: Stack) -> None:
+    # Prior-knowledge HTTP/2 shares the port: the exact preface gets the server's SETTINGS
+    # frame (type 4 on stream 0), not an HTTP/1.1 reply.
+    data = raw_exchange(stack.port, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", timeout_s=1.0)
+    assert not data.startswith(b"HTTP/1."), data[:80]
+    assert len(data) >= 9 and data[3] == 0x04 and data[5:9] == b"\x00\x00\x00\x00", data[:80]
+
+
+def test_a_near_http2_preface_is_refused_as_http1(stack: Stack) -> None:
+    reject(stack, b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n", 400, r"version|malformed|method")
 
 
 def test_connect_is_refused_with_405(stack: Stack) -> None:
