@@ -116,7 +116,8 @@ class _H2ServerProtocol(asyncio.Protocol):
         self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, Seen] = {}
-        self.pending: dict[int, bytes] = {}
+        self.pending: dict[int, bytes] = {}  # response bodies waiting for window
+        self.trailers: dict[int, list[tuple[bytes, bytes]]] = {}
         self.frozen = False  # after /freeze: reads nothing, answers nothing (a hung peer)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -153,6 +154,7 @@ class _H2ServerProtocol(asyncio.Protocol):
                 self.owner.resets.append(event.stream_id)
                 self.owner.open_streams -= 1
                 self.pending.pop(event.stream_id, None)
+                self.trailers.pop(event.stream_id, None)
             elif isinstance(event, h2.events.WindowUpdated):
                 for stream_id in list(self.pending):
                     self._send(stream_id)
@@ -181,22 +183,24 @@ class _H2ServerProtocol(asyncio.Protocol):
             return
         if path == b"/grpc":
             self.conn.send_headers(stream_id, [(b":status", b"200"), (b"content-type", b"application/grpc")])
-            self.conn.send_data(stream_id, b"\x00\x00\x00\x00\x02ok")
-            self.conn.send_headers(stream_id, [(b"grpc-status", b"0"), (b"x-trailer", self.owner.label)],
-                                   end_stream=True)
+            self.trailers[stream_id] = [(b"grpc-status", b"0"), (b"x-trailer", self.owner.label)]
+            self.pending[stream_id] = b"\x00\x00\x00\x00\x02ok"
+            self._send(stream_id)
             return
         body = json.dumps({"upstream": self.owner.label.decode(),
                            "headers": [[n.decode(), v.decode("latin-1")] for n, v in seen.headers],
                            "body_bytes": len(seen.body)}).encode()
         self.conn.send_headers(stream_id, [(b":status", b"200"), (b"content-type", b"application/json"),
                                            (b"x-upstream", self.owner.label)])
-        self.conn.send_data(stream_id, body, end_stream=True)
+        self.pending[stream_id] = body  # within the proxy's flow-control windows, like any body
+        self._send(stream_id)
 
     def _send(self, stream_id: int) -> None:
         try:
             self._send_window(stream_id)
         except h2.exceptions.StreamClosedError:
             self.pending.pop(stream_id, None)  # the proxy cancelled it
+            self.trailers.pop(stream_id, None)
 
     def _send_window(self, stream_id: int) -> None:
         data = self.pending[stream_id]
@@ -208,8 +212,12 @@ class _H2ServerProtocol(asyncio.Protocol):
             data = data[window:]
         if data:
             self.pending[stream_id] = data
+            return
+        del self.pending[stream_id]
+        trailers = self.trailers.pop(stream_id, None)
+        if trailers is not None:
+            self.conn.send_headers(stream_id, trailers, end_stream=True)
         else:
-            del self.pending[stream_id]
             self.conn.end_stream(stream_id)
 
 
