@@ -110,8 +110,8 @@ class Limits:
     # Past this many streams the client reset before their response ended, when they are
     # at least half of its streams: GOAWAY ENHANCE_YOUR_CALM, upstream streams cancelled.
     h2_max_premature_resets: int = 500
-    # PING and SETTINGS frames per second per connection; each queues an ACK. Envoy caps
-    # queued control frames at 1000 (max_outbound_control_frames).
+    # PING, SETTINGS and PRIORITY frames per second per connection; the first two queue an
+    # ACK each. Envoy caps queued control frames at 1000 (max_outbound_control_frames).
     h2_max_control_frames_per_s: int = 1000
     # DATA frames without payload nor END_STREAM in a row: Envoy's
     # max_consecutive_inbound_frames_with_empty_payload is 1.

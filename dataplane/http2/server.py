@@ -8,8 +8,8 @@ connection to the destination, then stream both ways with end-to-end flow contro
 (``link.py``). gRPC errors the proxy makes are trailers-only replies (``grpc.py``).
 
 Abuse accounting h2 leaves to its user (HARDENING.md): concurrent streams beyond the
-limit get REFUSED_STREAM; a client that resets most of its streams early, floods PING or
-SETTINGS, or sends empty DATA frames gets GOAWAY ENHANCE_YOUR_CALM and its upstream
+limit get REFUSED_STREAM; a client that resets most of its streams early, floods PING,
+SETTINGS or PRIORITY, or sends empty DATA frames gets GOAWAY ENHANCE_YOUR_CALM and its upstream
 streams are cancelled; a client that does not read stops being read (``link.py``).
 """
 
@@ -26,6 +26,7 @@ from h2.events import (
     DataReceived,
     Event,
     PingReceived,
+    PriorityUpdated,
     RemoteSettingsChanged,
     RequestReceived,
     StreamEnded,
@@ -212,9 +213,11 @@ class H2Connection(H2Link):
                     if self._premature_resets >= limit and 2 * self._premature_resets >= self._streams_total:
                         self._calm("h2_rapid_reset")
                         return
-            elif isinstance(event, (PingReceived, RemoteSettingsChanged)):
+            elif isinstance(event, (PingReceived, RemoteSettingsChanged, PriorityUpdated)):
                 if isinstance(event, RemoteSettingsChanged):
                     self.pump_all()  # a new initial window may let queued data go
+                elif isinstance(event, PriorityUpdated) and event.stream_id in streams:
+                    continue  # priority carried by a request's HEADERS: part of the request
                 if self._control_frame():
                     return
             elif isinstance(event, ConnectionTerminated):
@@ -284,7 +287,8 @@ class H2Connection(H2Link):
     # ------------------------------------------------------------------ abuse accounting
 
     def _control_frame(self) -> bool:
-        # PING and SETTINGS each make h2 queue an acknowledgement: count them per second.
+        # PING and SETTINGS each make h2 queue an acknowledgement, PRIORITY costs work for
+        # nothing (turnout does not prioritise): count them per second.
         now = self.state.loop_time()
         if now - self._control_window_start >= 1.0:
             self._control_window_start = now

@@ -15,7 +15,14 @@ import h2.errors
 import h2.exceptions
 import hpack
 import pytest
-from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame, PingFrame, RstStreamFrame
+from hyperframe.frame import (
+    ContinuationFrame,
+    DataFrame,
+    HeadersFrame,
+    PingFrame,
+    PriorityFrame,
+    RstStreamFrame,
+)
 
 from tests.integration.test_http2 import H2Client, H2Stack, h2_stack
 
@@ -105,6 +112,20 @@ def test_ping_flood_while_not_reading_gets_goaway(hard: H2Stack) -> None:
         goaway = c.goaway()
         assert c.closed
         assert goaway is None or goaway.error_code == CALM
+    finally:
+        c.close()
+    assert_served(hard)
+
+
+def test_priority_flood_gets_goaway(hard: H2Stack) -> None:
+    c = H2Client(hard.port)
+    try:
+        with contextlib.suppress(OSError):  # the proxy may hang up mid-flood
+            c.sock.sendall(b"".join(PriorityFrame(2 * i + 1, depends_on=0, stream_weight=16).serialize()
+                                    for i in range(5000)))
+        read_all(c)
+        goaway = c.goaway()
+        assert goaway is not None and goaway.error_code == CALM
     finally:
         c.close()
     assert_served(hard)
