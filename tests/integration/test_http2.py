@@ -710,3 +710,29 @@ def test_a_silent_upstream_fails_its_streams_after_an_unanswered_ping(tmp_path: 
             assert c.response(c.request("/ok"))[0][b":status"] == b"200"  # a new connection serves
         finally:
             c.close()
+
+
+def test_outbound_listener_routes_by_authority(tmp_path: Path) -> None:
+    baseline = H2Upstream("baseline")
+    sandbox = H2Upstream("sandbox")
+    try:
+        port = free_port()
+        config = {
+            "listeners": [{"name": "egress", "address": f"127.0.0.1:{port}", "mode": "outbound",
+                           "authorities": {baseline.address: "users"}}],
+            "sessions": [{"id": "sbx-1", "key": "sbx", "routes": [{"service": "users",
+                                                                   "destination": sandbox.address}]}],
+        }
+        with running_proxy(config, tmp_path):
+            def fetch(*extra: str) -> Any:
+                out = subprocess.run(["curl", "-s", "--http2-prior-knowledge", "-H", f"Host: {baseline.address}",
+                                      *extra, f"http://127.0.0.1:{port}/out"], capture_output=True, timeout=10,
+                                     check=True).stdout
+                return json.loads(out)
+            assert fetch()["upstream"] == "baseline"  # the authority is the baseline
+            seen = fetch("-H", "baggage: turnout-session=sbx")
+            assert seen["upstream"] == "sandbox"  # mapped to service users: the session's route
+            assert dict(seen["headers"])[":authority"] == baseline.address
+    finally:
+        baseline.stop()
+        sandbox.stop()
