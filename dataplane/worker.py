@@ -171,6 +171,7 @@ class WorkerState:
                 for conn in list(self.connections):
                     conn.close()
         self.pool.close_all()
+        self.h2_pool.close_all()
         if self.access_log is not None:
             self.access_log.close()
 
