@@ -33,7 +33,7 @@ unit: $(STAMP)
 # the Python side (bench/http1/harness); `make clean-compiled` goes back to pure Python. A
 # test-session guard refuses a compiled module older than its source.
 compile: $(STAMP)
-	TURNOUT_MYPYC=1 $(BIN)/python setup.py -q build_ext --inplace
+	TURNOUT_MYPYC=1 $(BIN)/python setup.py -q build_ext --inplace --force
 
 # Regenerate the config channel's protobuf and gRPC modules (committed; a test fails when stale).
 proto: $(STAMP)

@@ -14,7 +14,7 @@ import time
 from typing import IO, Any
 
 _FIELDS = ("time", "client", "method", "target", "status", "service", "route", "session", "destination",
-           "duration_ms", "bytes_out", "fallback", "worker")
+           "duration_ms", "bytes_out", "fallback", "grpc_status", "worker")
 
 
 class AccessLog:

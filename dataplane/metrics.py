@@ -79,6 +79,8 @@ class Metrics:
         self.fallbacks = Counter("turnout_fallbacks", "Requests re-sent to baseline after a sandbox failed",
                                  [*w, "service"], registry=r)
         self.mirror = Counter("turnout_mirror_requests", "Mirrored copies by result", [*w, "result"], registry=r)
+        self.grpc = Counter("turnout_grpc_responses", "gRPC calls by the grpc-status they ended with",
+                            [*w, "service", "route", "grpc_status"], registry=r)
         self.connections = Gauge("turnout_open_connections", "Open client connections", w, registry=r)
         self.refused = Counter("turnout_connections_refused", "Connections refused over the per-worker cap",
                                w, registry=r)
@@ -119,6 +121,10 @@ class Metrics:
     def local_reply(self, status: int) -> None:
         """turnout answered a request itself."""
         self._child(self.local_replies, str(status)).inc()
+
+    def grpc_response(self, service: str, route: str, grpc_status: str) -> None:
+        """A gRPC call ended with ``grpc_status`` (the upstream's, or one turnout made)."""
+        self._child(self.grpc, service, route, grpc_status).inc()
 
     def fallback(self, service: str) -> None:
         """A sandbox failure was retried on baseline."""

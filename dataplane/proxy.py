@@ -461,6 +461,7 @@ class Exchange(UpstreamUser):
     bytes_out = 0
     retried = False
     fallback_used = False
+    grpc_status = b""  # HTTP/1.1 carries no gRPC; the field is shared with HTTP/2 streams
     mirror: MirrorCopy | None = None
     _pending: list[bytes] | None = None  # body bytes held while connecting
     _trailers: list[tuple[bytes, bytes]] | None = None

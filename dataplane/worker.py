@@ -141,6 +141,9 @@ class WorkerState:
         ended_at = self.clock()
         seconds = ended_at - exchange.started_at
         self.metrics.request(exchange.service, exchange.route_kind, exchange.status, seconds)
+        grpc_status = exchange.grpc_status.decode("latin-1") if exchange.grpc_status else None
+        if grpc_status is not None:
+            self.metrics.grpc_response(exchange.service, exchange.route_kind, grpc_status)
         if self.tracer is not None:
             self.tracer.finished(exchange, ended_at)
         if self.access_log is not None:
@@ -149,7 +152,7 @@ class WorkerState:
                 time.time(), exchange.conn.peer.decode("latin-1"), plan.method.decode("latin-1"),
                 plan.target.decode("latin-1"), exchange.status, exchange.service, exchange.route_kind,
                 exchange.decision.session_id, str(exchange.destination), round(seconds * 1000, 3),
-                exchange.bytes_out, exchange.fallback_used,
+                exchange.bytes_out, exchange.fallback_used, grpc_status,
             )
 
     def connection_gone(self) -> None:

@@ -265,10 +265,15 @@ def test_metrics_and_access_log_cover_grpc(tmp_path: Path) -> None:
                 time.sleep(0.05)
                 if log_path.exists():
                     lines = [json.loads(line) for line in log_path.read_text().splitlines()]
-            assert [(e["method"], e["target"], e["session"], e["status"]) for e in lines] == [
-                ("POST", f"/{SERVICE}/Unary", "sbx-1", 200),
-                ("POST", f"/{SERVICE}/Unary", "dead-error", 200),  # trailers-only UNAVAILABLE
+            assert [(e["method"], e["target"], e["session"], e["status"], e["grpc_status"]) for e in lines] == [
+                ("POST", f"/{SERVICE}/Unary", "sbx-1", 200, "0"),
+                ("POST", f"/{SERVICE}/Unary", "dead-error", 200, "14"),  # trailers-only UNAVAILABLE
             ]
+            status, metrics = proxy.admin_get("/metrics")  # again: the log line means the call is counted
+            assert 'turnout_grpc_responses_total{grpc_status="0",route="sandbox",service="echo",worker="0"} 1.0' \
+                in metrics
+            assert 'turnout_grpc_responses_total{grpc_status="14",route="sandbox",service="echo",worker="0"} 1.0' \
+                in metrics
     finally:
         baseline.stop()
         sandbox.stop()

@@ -130,7 +130,7 @@ def _exchange(state: WorkerState, headers: list[tuple[bytes, bytes]], status: in
     return cast(Any, SimpleNamespace(
         plan=SimpleNamespace(headers=headers, method=b"POST", target=b"/orders/7?x=1"),
         started_at=state.clock() - 0.25, status=status, route_kind="sandbox", service="orders",
-        destination=parse_address("10.1.2.3:8080"), fallback_used=False,
+        destination=parse_address("10.1.2.3:8080"), fallback_used=False, grpc_status=b"",
         decision=SimpleNamespace(session_id="s-1"), conn=SimpleNamespace(listener=SimpleNamespace(mode="outbound")),
     ))
 
