@@ -158,9 +158,9 @@ class Topology:
 @pytest.fixture
 def topology(tmp_path: Path) -> Iterator[Topology]:
     """The four hosts, torn down even when the test fails."""
-    reason = _unavailable()
-    if reason is not None:
-        pytest.skip(reason)
+    unavailable = _unavailable()
+    if unavailable is not None:
+        pytest.skip(reason="network namespaces unavailable: " + unavailable)
     topo = Topology(tmp_path)
     try:
         topo.build()

@@ -199,15 +199,16 @@ def test_tracing_config_errors_name_the_field(tracing: Any, field: str, reason: 
     assert any(p.field == field and reason in p.reason for p in err.value.problems), err.value.problems
 
 
-def test_otlp_without_its_package_names_the_package() -> None:
+def test_otlp_is_accepted_only_with_its_package_and_otherwise_names_it() -> None:
+    text = ("listeners: [{address: '127.0.0.1:15001', service: s, baseline: '127.0.0.1:1'}]\n"
+            "tracing: {sampling_ratio: 0.1}\n")
     try:
         __import__(OTLP_EXPORTER_MODULE)
     except ImportError:
-        pass
-    else:
-        pytest.skip(f"{OTLP_EXPORTER_PACKAGE} is installed here, so otlp is accepted")
-    with pytest.raises(ValidationError) as err:
-        parse_config_text("listeners: [{address: '127.0.0.1:15001', service: s, baseline: '127.0.0.1:1'}]\n"
-                          "tracing: {sampling_ratio: 0.1}\n")
-    (problem,) = err.value.problems
-    assert problem.field == "tracing.exporter" and f"pip install {OTLP_EXPORTER_PACKAGE}" in problem.reason
+        with pytest.raises(ValidationError) as err:
+            parse_config_text(text)
+        (problem,) = err.value.problems
+        assert problem.field == "tracing.exporter" and f"pip install {OTLP_EXPORTER_PACKAGE}" in problem.reason
+    else:  # the optional package is installed: otlp is a valid choice
+        tracing = parse_config_text(text).tracing
+        assert tracing is not None and tracing.exporter == "otlp"

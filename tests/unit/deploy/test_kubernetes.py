@@ -72,7 +72,7 @@ def _validate(doc: dict[str, Any], where: str) -> None:
 def _kubectl() -> str:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
-        pytest.skip("kubectl is not installed: `kubectl kustomize` is needed to build the overlays")
+        pytest.skip(reason="kubectl is not installed: `kubectl kustomize` is needed to build the overlays")
     return kubectl
 
 
