@@ -160,6 +160,29 @@ class Listener:
     # outbound: authority (host[:port]) -> service name; unmapped authorities are their own name.
     authorities: Mapping[str, str] = field(default_factory=dict)
     tls: ListenerTls | None = None  # TLS with ALPN h2 / http/1.1 instead of cleartext
+    # outbound: authority -> (service, baseline), resolved once per authority, not per request
+    _targets: dict[str, tuple[str, Address]] = field(default_factory=dict, compare=False, repr=False)
+
+    def target(self, authority: str) -> tuple[str, Address]:
+        """The service and baseline a request goes to (``authority``: lower-case Host or :authority).
+
+        Raises ``ValueError`` when an outbound listener cannot route to the authority.
+        """
+        if self.mode == "inbound":
+            assert self.service is not None and self.baseline is not None
+            return self.service, self.baseline
+        found = self._targets.get(authority)
+        if found is None:
+            address = parse_address(authority if ":" in authority.rstrip("]") else authority + ":80")
+            found = (self.authorities.get(authority, authority), address)
+            if len(self._targets) >= _MAX_CACHED_AUTHORITIES:
+                self._targets.clear()  # a client inventing authorities must not grow memory
+            self._targets[authority] = found
+        return found
+
+
+# Distinct authorities an outbound listener remembers; a node proxy sees a few dozen services.
+_MAX_CACHED_AUTHORITIES = 4096
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from dataplane.http1.semantics import (
     plan_request,
 )
 from dataplane.upstream import UpstreamConnection, UpstreamUser
-from filters import Address, Decision, RequestHead, parse_address
+from filters import Address, Decision, RequestHead
 
 if TYPE_CHECKING:
     from dataplane.config import Listener
@@ -266,18 +266,13 @@ class Downstream(asyncio.Protocol):
     def _start(self, plan: RequestPlan) -> None:
         state = self.state
         listener = self.listener
-        if listener.mode == "inbound":
-            service = listener.service
-            baseline = listener.baseline
-        else:
-            authority = plan.authority.decode("latin-1").lower()
-            service = listener.authorities.get(authority, authority)
-            try:
-                baseline = parse_address(authority if ":" in authority.rstrip("]") else authority + ":80")
-            except ValueError:
-                self.local_reply(400, "cannot route to authority " + repr(authority), "bad_authority")
-                return
-        assert service is not None and baseline is not None
+        try:
+            service, baseline = listener.target(
+                "" if listener.mode == "inbound" else plan.authority.decode("latin-1").lower())
+        except ValueError:
+            self.local_reply(400, "cannot route to authority " + repr(plan.authority.decode("latin-1")),
+                             "bad_authority")
+            return
         if not plan.authority:
             # HTTP/1.0 without Host: the upstream request is HTTP/1.1, which requires one.
             plan.authority = str(baseline).encode("latin-1")

@@ -42,7 +42,7 @@ from dataplane.errors import HttpError
 from dataplane.http2.grpc import GRPC_DEADLINE_EXCEEDED, GRPC_UNAVAILABLE, parse_grpc_timeout, trailers_only
 from dataplane.http2.link import H2Link, Headers
 from dataplane.http2.upstream import H2Upstream, H2UpstreamUser
-from filters import Address, Decision, RequestHead, parse_address
+from filters import Address, Decision, RequestHead
 
 if TYPE_CHECKING:
     import asyncio
@@ -465,20 +465,14 @@ class H2Stream(H2UpstreamUser):
         listener = conn.listener
         plan = RequestLine(method, path, pairs)
         authority_str = "" if authority is None else authority.decode("latin-1").lower()
-        if listener.mode == "inbound":
-            service = listener.service
-            baseline = listener.baseline
-        else:
-            service = listener.authorities.get(authority_str, authority_str)
-            try:
-                baseline = parse_address(authority_str if ":" in authority_str.rstrip("]") else authority_str + ":80")
-            except ValueError:
-                conn.streams[stream_id] = stream = cls(conn, stream_id, service, _NO_ROUTE, _NO_ADDRESS, plan, [],
-                                                       grpc, content_length)
-                stream.request_done = ended
-                stream.fail(HttpError(400, "cannot route to authority " + repr(authority_str), "bad_authority"), None)
-                return
-        assert service is not None and baseline is not None
+        try:
+            service, baseline = listener.target(authority_str)
+        except ValueError:
+            conn.streams[stream_id] = stream = cls(conn, stream_id, authority_str, _NO_ROUTE, _NO_ADDRESS, plan, [],
+                                                   grpc, content_length)
+            stream.request_done = ended
+            stream.fail(HttpError(400, "cannot route to authority " + repr(authority_str), "bad_authority"), None)
+            return
         if authority is None:
             authority = str(baseline).encode("latin-1")
         fields: dict[str, str] = {}
