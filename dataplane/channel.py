@@ -25,9 +25,9 @@ from typing import Any
 import grpc
 
 from dataplane.config import ProxyConfig
-from dataplane.rules import compose_snapshot, rule_limits
+from dataplane.rules import change_snapshot, compose_snapshot, rule_limits
 from dataplane.statefile import PushedState, StateRenderer, load_state, write_atomic
-from filters import Problem, Session, ValidationError
+from filters import Problem, Session, Snapshot, ValidationError
 from turnout.v1 import config_pb2, config_pb2_grpc
 from turnout.v1.convert import session_from_proto
 
@@ -35,15 +35,6 @@ from turnout.v1.convert import session_from_proto
 _INVALID_ARGUMENT = 3
 # A NACK's message names every problem; this many are plenty to act on.
 _NACK_PROBLEMS = 20
-
-
-Claim = tuple[str, str]  # (routing key, service)
-
-
-def claims_of(session: Session) -> list[Claim]:
-    """The (key, service) pairs a keyed session holds; filter-only sessions hold none."""
-    key = session.key
-    return [] if key is None else [(key, route.service) for route in session.routes]
 
 
 @dataclass(frozen=True)
@@ -125,13 +116,11 @@ class ConfigChannel:
         self._apply = apply
         self._log = log or (lambda line: sys.stderr.write("turnout: " + line + "\n"))
         self.status = ChannelStatus(self.settings.address, self.settings.protocol, config.node_id())
-        self._static_ids: set[str] = set()
-        self._static_claims: dict[Claim, str] = {}
-        self.set_config(config)
-        self._claims: dict[Claim, str] = {}  # of the pushed sessions in use
+        self.state = PushedState()
+        # Static + pushed sessions as the workers run them: pushes are validated against it.
+        self._snapshot = config.snapshot
         self.state_path = config.state_path()
         self.status.state_file = self.state_path or ""
-        self.state = PushedState()
         self.initial_done = asyncio.Event()
         self._last_logged_error = ""
         self._renderer = StateRenderer()
@@ -151,13 +140,12 @@ class ConfigChannel:
                 self._log("state file: " + why)
             return self.state
         try:
-            compose_snapshot(self.config.snapshot, state.session_list(), state.version)
+            self._snapshot = compose_snapshot(self.config.snapshot, state.session_list(), state.version)
         except ValidationError as exc:
             self.status.state_file_error = f"conflicts with the bootstrap file: {exc}"
             self._log("state file ignored: " + self.status.state_file_error)
             return self.state
         self.state = state
-        self._claims = {claim: sid for sid, (s, _) in state.sessions.items() for claim in claims_of(s)}
         self.status.version = state.version
         self.status.control_plane_id = state.control_plane_id
         self.status.sessions = len(state.sessions)
@@ -286,7 +274,7 @@ class ConfigChannel:
         status = self.status
         version = response.system_version_info if delta else response.version_info
         try:
-            new, upserted, removed, claims = self._next_state(response, delta, version)
+            new, upserted, removed, snapshot = self._next_state(response, delta, version)
         except ValidationError as exc:
             problems = [str(p) for p in exc.problems] or [str(exc)]
             reason = "; ".join(problems[:_NACK_PROBLEMS]) + (
@@ -299,7 +287,7 @@ class ConfigChannel:
             return reason
         previous = self.state.version
         self.state = new
-        self._claims = claims
+        self._snapshot = snapshot
         await self._apply(Update(new, previous, upserted, removed))
         status.acks += 1
         status.version = version
@@ -347,11 +335,11 @@ class ConfigChannel:
             await self._saver
 
     def _next_state(self, response: Any, delta: bool,
-                    version: str) -> tuple[PushedState, tuple[Session, ...], tuple[str, ...], dict[Claim, str]]:
-        """The set a response makes, what changed, and the claims after it; raises ``ValidationError``.
+                    version: str) -> tuple[PushedState, tuple[Session, ...], tuple[str, ...], Snapshot]:
+        """The set a response makes, what changed, and the snapshot after it; raises ``ValidationError``.
 
-        Costs O(changed) for a delta response: each pushed session is parsed, and conflicts
-        are checked against an index of (key, service) claims instead of recompiling.
+        Costs O(changed) for a delta response: each pushed session is parsed, and the change is
+        applied to the supervisor's snapshot exactly as the workers will apply it.
         """
         limits = rule_limits(self.config.snapshot)
         old = self.state.sessions
@@ -391,39 +379,14 @@ class ConfigChannel:
         else:
             new = PushedState(version, entries, response.control_plane_id)
             upserted, removed = diff(self.state, new)
-        return new, upserted, removed, self._claims_after(upserted, removed)
-
-    def _claims_after(self, upserted: tuple[Session, ...], removed: tuple[str, ...]) -> dict[Claim, str]:
-        """The pushed sessions' claims after a change; conflicts raise ``ValidationError``."""
-        claims = dict(self._claims)
-        old = self.state.sessions
-        for sid in (*removed, *(s.id for s in upserted)):
-            previous = old.get(sid)
-            if previous is not None:
-                for claim in claims_of(previous[0]):
-                    if claims.get(claim) == sid:
-                        del claims[claim]
-        problems = []
-        for session in upserted:
-            where = f"session {session.id}"
-            if session.id in self._static_ids:
-                problems.append(Problem(where + ".id", f"duplicate session id {session.id!r} (a static session)"))
-            for j, claim in enumerate(claims_of(session)):
-                holder = self._static_claims.get(claim) or claims.get(claim)
-                if holder is not None and holder != session.id:
-                    problems.append(Problem(f"{where}.routes[{j}]", f"key {claim[0]!r} for service {claim[1]!r} "
-                                            f"is already claimed by session {holder!r}"))
-                else:
-                    claims[claim] = session.id
-        if problems:
-            raise ValidationError(problems)
-        return claims
+        return new, upserted, removed, change_snapshot(self._snapshot, self.config.snapshot, upserted, removed,
+                                                       version)
 
     def set_config(self, config: ProxyConfig) -> None:
-        """A reloaded bootstrap file: its static sessions are what pushes are checked against."""
+        """A reloaded bootstrap file (checked against the pushed sessions by the caller)."""
         self.config = config
-        self._static_ids = {s.id for s in config.snapshot.sessions}
-        self._static_claims = {claim: s.id for s in config.snapshot.sessions for claim in claims_of(s)}
+        self._snapshot = compose_snapshot(config.snapshot, self.state.session_list(),
+                                          self.state.version or config.snapshot.version)
 
     def exposition(self) -> bytes:
         """The channel's Prometheus samples (merged into the supervisor's ``/metrics``)."""

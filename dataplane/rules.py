@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +86,22 @@ def compose_snapshot(base: Snapshot, pushed: Iterable[Session], version: str) ->
     session claiming a (key, service) that a static one holds.
     """
     return compile_snapshot((*base.sessions, *pushed), version, base.key_config, rule_limits(base))
+
+
+def change_snapshot(snapshot: Snapshot, static: Snapshot, upserted: Sequence[Session], removed: Sequence[str],
+                    version: str) -> Snapshot:
+    """``snapshot`` (static + pushed sessions) after a change of pushed sessions, in O(changed).
+
+    The supervisor validates a push with this and every worker applies it with this, so
+    they cannot disagree. Raises ``ValidationError`` (and builds nothing) on a conflict, over
+    the limits, or when a change would replace or remove a session of the bootstrap file.
+    """
+    static_ids = {s.id for s in static.sessions}
+    clash = sorted({s.id for s in upserted if s.id in static_ids} | {sid for sid in removed if sid in static_ids})
+    if clash:
+        raise ValidationError([Problem("sessions", f"session id(s) {', '.join(clash)} belong to static sessions "
+                                                   "of the bootstrap file")])
+    return snapshot.with_changes(upserted, removed, version, rule_limits(static))
 
 
 def rule_limits(snapshot: Snapshot) -> RuleLimits:

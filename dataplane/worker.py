@@ -28,10 +28,10 @@ from dataplane.metrics import Metrics
 from dataplane.mirror import MirrorManager
 from dataplane.proxy import Downstream, Exchange
 from dataplane.pushlink import PushReceiver, push_socket_path
-from dataplane.rules import compose_snapshot, rule_limits
+from dataplane.rules import change_snapshot, compose_snapshot, rule_limits
 from dataplane.statefile import PushedState, load_state
 from dataplane.upstream import Pool
-from filters import Problem, RequestHead, Snapshot, ValidationError, parse_session
+from filters import RequestHead, Snapshot, ValidationError, parse_session
 
 if TYPE_CHECKING:
     from dataplane.tracing import RequestTracer
@@ -224,16 +224,12 @@ class WorkerState:
         for sid in removed:
             del sessions[sid]
         pushed = PushedState(version, sessions, str(change.get("control_plane_id", "")))
-        static_ids = {s.id for s in self.config.snapshot.sessions}
         try:
-            clash = [s.id for s in upserts if s.id in static_ids]
-            if clash:
-                raise ValidationError([Problem("upsert", f"session id(s) {clash} belong to static sessions")])
             if base is None:
                 snapshot = self._compose(self.config, pushed)
             else:
                 # A change costs O(changed): the new snapshot shares every untouched table.
-                snapshot = self.snapshot.with_changes(upserts, removed, version, limits)
+                snapshot = change_snapshot(self.snapshot, self.config.snapshot, upserts, removed, version)
         except ValidationError as exc:
             return text_response(400, f"refused: {exc}\n")
         self.pushed = pushed
