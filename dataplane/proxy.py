@@ -66,6 +66,8 @@ class Downstream(asyncio.Protocol):
     def __init__(self, state: WorkerState, listener: Listener) -> None:
         self.state = state
         self.listener = listener
+        # An inbound listener routes every request to the same service: resolved once here.
+        self.fixed_target = listener.target("") if listener.mode == "inbound" else None
         self.transport: asyncio.Transport | None = None
         self.peer = b""
         self.phase = _HEAD
@@ -265,14 +267,15 @@ class Downstream(asyncio.Protocol):
 
     def _start(self, plan: RequestPlan) -> None:
         state = self.state
-        listener = self.listener
-        try:
-            service, baseline = listener.target(
-                "" if listener.mode == "inbound" else plan.authority.decode("latin-1").lower())
-        except ValueError:
-            self.local_reply(400, "cannot route to authority " + repr(plan.authority.decode("latin-1")),
-                             "bad_authority")
-            return
+        target = self.fixed_target
+        if target is None:
+            try:
+                target = self.listener.target(plan.authority.decode("latin-1").lower())
+            except ValueError:
+                self.local_reply(400, "cannot route to authority " + repr(plan.authority.decode("latin-1")),
+                                 "bad_authority")
+                return
+        service, baseline = target
         if not plan.authority:
             # HTTP/1.0 without Host: the upstream request is HTTP/1.1, which requires one.
             plan.authority = str(baseline).encode("latin-1")
