@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dataplane.rules import ConfigError, load_yaml, parse_yaml, snapshot_from_config
-from filters import Address, Problem, Snapshot, parse_address
+from filters import UPSTREAM_PROTOCOLS, Address, Problem, Snapshot, parse_address
 
 
 @dataclass(frozen=True)
@@ -160,6 +160,8 @@ class Listener:
     # outbound: authority (host[:port]) -> service name; unmapped authorities are their own name.
     authorities: Mapping[str, str] = field(default_factory=dict)
     tls: ListenerTls | None = None  # TLS with ALPN h2 / http/1.1 instead of cleartext
+    # How requests reach baseline: auto (the client's protocol) | http1 | http2 (filters.UPSTREAM_PROTOCOLS)
+    upstream_protocol: str = "auto"
     # outbound: authority -> (service, baseline), resolved once per authority, not per request
     _targets: dict[str, tuple[str, Address]] = field(default_factory=dict, compare=False, repr=False)
 
@@ -268,7 +270,8 @@ TOP_FIELDS = frozenset({"admin", "routing", "listeners", "sessions", "limits", "
                         "tracing"})
 TRACING_FIELDS = frozenset({"sampling_ratio", "exporter", "endpoint", "path", "service_name"})
 CONTROL_PLANE_FIELDS = frozenset({"address", "protocol", "token_file", "tls", "node_id", "cluster", "state_path"})
-LISTENER_FIELDS = frozenset({"name", "address", "mode", "service", "baseline", "authorities", "tls"})
+LISTENER_FIELDS = frozenset({"name", "address", "mode", "service", "baseline", "authorities", "tls",
+                             "upstream_protocol"})
 
 
 def load_config(path: str | Path, now: float | None = None) -> ProxyConfig:
@@ -466,9 +469,12 @@ def _listeners(spec: Any, problems: list[Problem]) -> tuple[Listener, ...]:
         else:
             problems.append(Problem(where + ".mode", "must be inbound or outbound"))
         tls = _listener_tls(item.get("tls"), where + ".tls", problems)
+        upstream_protocol = item.get("upstream_protocol", "auto")
+        if upstream_protocol not in UPSTREAM_PROTOCOLS:
+            problems.append(Problem(where + ".upstream_protocol", "must be one of: " + ", ".join(UPSTREAM_PROTOCOLS)))
         if len(problems) == before and address is not None:
             addresses.add(address)
-            out.append(Listener(str(name), address, mode, service, baseline, authorities, tls))
+            out.append(Listener(str(name), address, mode, service, baseline, authorities, tls, upstream_protocol))
     return tuple(out)
 
 

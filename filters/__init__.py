@@ -11,11 +11,21 @@ from filters.errors import Problem, TurnoutError, ValidationError
 from filters.head import RequestHead
 from filters.keys import FoundKey, KeyConfig, KeyExtractor, KeySource, parse_key_config
 from filters.matchers import Matcher, MatchLimits, parse_match
-from filters.model import Address, Route, RuleLimits, Session, parse_address, parse_session, parse_sessions
+from filters.model import (
+    UPSTREAM_PROTOCOLS,
+    Address,
+    Route,
+    RuleLimits,
+    Session,
+    parse_address,
+    parse_session,
+    parse_sessions,
+)
 from filters.snapshot import BASELINE, Decision, Snapshot, compile_snapshot
 
 __all__ = [
     "BASELINE",
+    "UPSTREAM_PROTOCOLS",
     "Address",
     "BaggageMember",
     "Decision",

@@ -13,6 +13,7 @@ A session is one isolated test context. Its JSON/YAML form::
         destination: 10.0.0.5:8080
         mode: steal              # steal | mirror
         fallback: baseline       # baseline | error
+        upstream_protocol: auto  # auto | http1 | http2 (see UPSTREAM_PROTOCOLS)
         priority: 0              # higher wins among overlapping filter-only routes
         match: {header: {name: x-user, exact: alice}}
 
@@ -36,6 +37,10 @@ from filters.matchers import Matcher, MatchLimits, parse_match
 
 MODES = ("steal", "mirror")
 FALLBACKS = ("baseline", "error")
+# How a route's requests reach its destination: ``auto`` in the client's own protocol,
+# ``http1`` HTTP/2 requests translated to HTTP/1.1, ``http2`` every request over HTTP/2.
+# gRPC always goes HTTP/2 end to end.
+UPSTREAM_PROTOCOLS = ("auto", "http1", "http2")
 
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # Keys travel in baggage values, tracestate, headers, query strings and cookies; this
@@ -48,7 +53,7 @@ _HOST_RE = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\.?")
 _LABEL_KEY_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?")
 
 SESSION_FIELDS = frozenset({"id", "key", "owner", "labels", "expires_at", "ttl_s", "created_at", "priority", "routes"})
-ROUTE_FIELDS = frozenset({"service", "destination", "mode", "fallback", "match", "priority"})
+ROUTE_FIELDS = frozenset({"service", "destination", "mode", "fallback", "match", "priority", "upstream_protocol"})
 _PRIORITY_RANGE = (-1_000_000, 1_000_000)
 
 
@@ -116,6 +121,7 @@ class Route:
     fallback: str = "baseline"
     match: Matcher | None = None
     priority: int = 0
+    upstream_protocol: str = "auto"
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form, as accepted by ``parse_session``."""
@@ -126,6 +132,8 @@ class Route:
             "fallback": self.fallback,
             "priority": self.priority,
         }
+        if self.upstream_protocol != "auto":
+            out["upstream_protocol"] = self.upstream_protocol
         if self.match is not None:
             out["match"] = self.match.to_spec()
         return out
@@ -337,6 +345,9 @@ def _parse_route(
     fallback = spec.get("fallback", "baseline")
     if fallback not in FALLBACKS:
         fail(where + ".fallback", "must be one of: " + ", ".join(FALLBACKS))
+    upstream_protocol = spec.get("upstream_protocol", "auto")
+    if upstream_protocol not in UPSTREAM_PROTOCOLS:
+        fail(where + ".upstream_protocol", "must be one of: " + ", ".join(UPSTREAM_PROTOCOLS))
     priority = _parse_priority(spec.get("priority", default_priority), where + ".priority", fail)
     match = None
     if "match" in spec:
@@ -347,7 +358,7 @@ def _parse_route(
     if len(problems) != before or destination is None:
         return None
     assert isinstance(service, str)
-    return Route(service, destination, mode, fallback, match, priority)
+    return Route(service, destination, mode, fallback, match, priority, upstream_protocol)
 
 
 def _parse_priority(value: Any, where: str, fail: Any) -> int:

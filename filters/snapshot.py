@@ -40,19 +40,22 @@ class Decision:
     """Where one request goes. Built once per route at compile time, shared by requests.
 
     ``kind`` is ``baseline``, ``sandbox`` (steal) or ``mirror`` (baseline answers, a copy
-    goes to ``destination``).
+    goes to ``destination``); ``upstream_protocol`` is the route's (``auto`` for baseline:
+    the listener's applies).
     """
 
-    __slots__ = ("kind", "session_id", "destination", "mode", "fallback", "service")
+    __slots__ = ("kind", "session_id", "destination", "mode", "fallback", "service", "upstream_protocol")
 
     def __init__(self, kind: str, session_id: str | None = None, destination: Address | None = None,
-                 mode: str | None = None, fallback: str | None = None, service: str | None = None) -> None:
+                 mode: str | None = None, fallback: str | None = None, service: str | None = None,
+                 upstream_protocol: str = "auto") -> None:
         self.kind = kind
         self.session_id = session_id
         self.destination = destination
         self.mode = mode
         self.fallback = fallback
         self.service = service
+        self.upstream_protocol = upstream_protocol
 
     def __repr__(self) -> str:
         if self.kind == "baseline":
@@ -69,6 +72,7 @@ class Decision:
             "destination": str(self.destination),
             "mode": self.mode,
             "fallback": self.fallback,
+            "upstream_protocol": self.upstream_protocol,
         }
 
 
@@ -84,7 +88,8 @@ class _Entry:
         self.session = session
         self.route = route
         kind = "mirror" if route.mode == "mirror" else "sandbox"
-        self.decision = Decision(kind, session.id, route.destination, route.mode, route.fallback, route.service)
+        self.decision = Decision(kind, session.id, route.destination, route.mode, route.fallback, route.service,
+                                 route.upstream_protocol)
         self.match = route.match
         self.expires_at = math.inf if session.expires_at is None else session.expires_at
         self.rank = (-route.priority, session.created_at, session.id)

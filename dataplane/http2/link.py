@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections import deque
-from typing import cast
+from typing import Protocol, cast
 
 from h2.connection import H2Connection as _H2
 from h2.errors import ErrorCodes
@@ -22,6 +22,13 @@ from hyperframe.frame import GoAwayFrame
 Headers = list[tuple[bytes, bytes]]
 
 
+class Acknowledger(Protocol):
+    """Where bytes came from: told once they were passed on, so it lets its sender send more."""
+
+    def acknowledge(self, stream_id: int, flow_len: int) -> None:
+        """``flow_len`` bytes received on ``stream_id`` were taken."""
+
+
 class _Outbound:
     """Data for one stream waiting for window or buffer space, then how the stream ends."""
 
@@ -29,7 +36,7 @@ class _Outbound:
 
     def __init__(self) -> None:
         # [data, sender link, sender stream id, flow-controlled length to acknowledge]
-        self.chunks: deque[tuple[bytes, H2Link | None, int, int]] = deque()
+        self.chunks: deque[tuple[bytes, Acknowledger | None, int, int]] = deque()
         self.end = False
         self.trailers: Headers | None = None
 
@@ -115,7 +122,7 @@ class H2Link(asyncio.Protocol):
             return
         self.flush()
 
-    def queue_data(self, stream_id: int, data: bytes, sender: H2Link | None, sender_stream: int,
+    def queue_data(self, stream_id: int, data: bytes, sender: Acknowledger | None, sender_stream: int,
                    flow_len: int) -> None:
         """Send ``data`` on ``stream_id`` when window and buffer allow; then acknowledge it
         to ``sender`` (the connection it came from)."""

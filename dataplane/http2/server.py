@@ -16,7 +16,7 @@ streams are cancelled; a client that does not read stops being read (``link.py``
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from h2.config import H2Configuration
 from h2.connection import H2Connection as _H2
@@ -39,8 +39,9 @@ from h2.settings import SettingCodes, Settings
 from hyperframe.frame import Frame, HeadersFrame
 
 from dataplane.errors import HttpError
+from dataplane.http2.bridge import H1Bridge
 from dataplane.http2.grpc import GRPC_DEADLINE_EXCEEDED, GRPC_UNAVAILABLE, parse_grpc_timeout, trailers_only
-from dataplane.http2.link import H2Link, Headers
+from dataplane.http2.link import Acknowledger, H2Link, Headers
 from dataplane.http2.upstream import H2Upstream, H2UpstreamUser
 from filters import Address, Decision, RequestHead
 
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
     import asyncio
 
     from dataplane.config import Listener
+    from dataplane.upstream import UpstreamConnection
     from dataplane.worker import WorkerState
 
 _MAX_STREAM_ID = 2**31 - 1
@@ -61,6 +63,20 @@ _NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
 _BAD_VALUE = re.compile(rb"[\x00\r\n]|\A[ \t]|[ \t]\Z")
 _GRPC_CONTENT_TYPE = b"application/grpc"
 _TEXT_PLAIN = b"text/plain; charset=utf-8"
+
+
+class StreamUpstream(Acknowledger, Protocol):
+    """Where a stream's request goes: an ``H2Upstream`` stream, or an ``H1Bridge``."""
+
+    def queue_data(self, stream_id: int, data: bytes, sender: Acknowledger | None, sender_stream: int,
+                   flow_len: int) -> None:
+        """Request DATA, acknowledged to ``sender`` once taken."""
+
+    def queue_end(self, stream_id: int, trailers: Headers | None) -> None:
+        """The request is complete."""
+
+    def forget_stream(self, stream_id: int) -> None:
+        """The downstream stream is over: cancel what is left."""
 
 
 class _Malformed(Exception):
@@ -363,7 +379,7 @@ class H2Stream(H2UpstreamUser):
     """One HTTP/2 request and its response, from the routing decision to the last frame."""
 
     # Per-stream state that starts the same for every stream: class defaults.
-    upstream: H2Upstream | None = None
+    upstream: StreamUpstream | None = None
     up_stream_id = 0
     request_done = False
     response_started = False
@@ -501,6 +517,13 @@ class H2Stream(H2UpstreamUser):
 
     def begin(self) -> None:
         """Open the upstream stream on a pooled connection, or start connecting."""
+        protocol = (self.decision.upstream_protocol if self.route_kind == "sandbox"
+                    else self.conn.listener.upstream_protocol)
+        if protocol == "http1" and not self.grpc:  # gRPC always goes HTTP/2 end to end
+            if self._pending is None:
+                self._pending = []
+            H1Bridge(self, self.destination).start()
+            return
         conn = self.state.h2_pool.acquire(self.destination)
         if conn is not None:
             self._bind(conn)
@@ -513,7 +536,7 @@ class H2Stream(H2UpstreamUser):
         try:
             conn = await self.state.h2_pool.connect(self.destination)
         except HttpError as exc:
-            self._upstream_failed(exc)
+            self.upstream_failed(exc)
             return
         if self.finished:
             conn.release()
@@ -533,15 +556,25 @@ class H2Stream(H2UpstreamUser):
                 self.retried = True
                 self.begin()
             else:
-                self._upstream_failed(HttpError(503, "upstream connection closing", "upstream_reset"))
+                self.upstream_failed(HttpError(503, "upstream connection closing", "upstream_reset"))
             return
-        self.upstream = conn
+        self._attach(conn, pending, not end)
+
+    def attach_upstream(self, bridge: H1Bridge, conn: UpstreamConnection) -> None:
+        """An HTTP/1.1 connection is ready for the bridge: send the head and what was held."""
+        pending = self._pending
+        self._pending = None
+        bridge.send_head(conn, self.upstream_headers, pending, self.request_done, self.content_length)
+        self._attach(bridge, pending, True)
+
+    def _attach(self, upstream: StreamUpstream, pending: list[tuple[bytes, int]] | None, send_end: bool) -> None:
+        self.upstream = upstream
         if pending:
             self.sent_body = True
             for data, flow_len in pending:
-                conn.queue_data(self.up_stream_id, data, self.conn, self.stream_id, flow_len)
-        if self.request_done and not end:
-            conn.queue_end(self.up_stream_id, self._request_trailers)
+                upstream.queue_data(self.up_stream_id, data, self.conn, self.stream_id, flow_len)
+        if self.request_done and send_end:
+            upstream.queue_end(self.up_stream_id, self._request_trailers)
 
     def on_request_data(self, data: bytes, flow_len: int) -> None:
         """Request DATA from the client (acknowledged once the upstream took it)."""
@@ -670,16 +703,17 @@ class H2Stream(H2UpstreamUser):
                 self.begin()
                 return
             if code == ErrorCodes.REFUSED_STREAM:
-                self._upstream_failed(HttpError(503, "upstream refused the stream", "upstream_refused"))
+                self.upstream_failed(HttpError(503, "upstream refused the stream", "upstream_refused"))
             else:
-                self._upstream_failed(HttpError(502, "upstream reset the stream", "upstream_reset"))
+                self.upstream_failed(HttpError(502, "upstream reset the stream", "upstream_reset"))
             return
         # Never turn a broken response into a well-formed short one: reset the client too.
         self.state.metrics.upstream_error(self.service, self.route_kind, "upstream_reset")
         self.conn.reset(self.stream_id, code)
         self._finish()
 
-    def _upstream_failed(self, error: HttpError) -> None:
+    def upstream_failed(self, error: HttpError) -> None:
+        """No response came: fall back to baseline when the route allows it, else answer the error."""
         if self.finished:
             return
         decision = self.decision

@@ -326,10 +326,19 @@ def test_parse_address_raises_value_error_with_reason() -> None:
         parse_address("[zz]:80")
 
 
-@pytest.mark.parametrize(("name", "value"), [("mode", "copy"), ("mode", None), ("fallback", "retry"), ("fallback", 1)])
+@pytest.mark.parametrize(("name", "value"), [("mode", "copy"), ("mode", None), ("fallback", "retry"), ("fallback", 1),
+                                             ("upstream_protocol", "h2c"), ("upstream_protocol", ["http1"])])
 def test_bad_mode_and_fallback(name: str, value: Any) -> None:
     problems = refused(session(routes=[route(**{name: value})]))
     assert fields(problems) == [f"session.routes[0].{name}"]
+
+
+@pytest.mark.parametrize("protocol", ["auto", "http1", "http2"])
+def test_upstream_protocol_is_kept_and_reaches_the_decision(protocol: str) -> None:
+    parsed = parse_session(session(routes=[route(upstream_protocol=protocol)]))
+    assert parsed.routes[0].upstream_protocol == protocol
+    assert ("upstream_protocol" in parsed.routes[0].to_dict()) == (protocol != "auto")  # the default stays implicit
+    assert parse_session(parsed.to_dict()).routes[0] == parsed.routes[0]
 
 
 @pytest.mark.parametrize("routes", [[], None, "users", {"service": "users"}])

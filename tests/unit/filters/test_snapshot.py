@@ -56,6 +56,15 @@ def test_keyed_mirror_and_error_fallback_are_carried() -> None:
     assert (d.kind, d.mode, d.fallback) == ("mirror", "mirror", "error")
 
 
+def test_the_route_upstream_protocol_is_carried_and_explained() -> None:
+    spec = {"id": "p", "key": "k2", "routes": [{"service": "users", "destination": "10.0.0.9:80",
+                                                "upstream_protocol": "http1"}]}
+    snap = compile_snapshot([parse_session(spec, now=NOW)], "v1")
+    d = snap.decide("users", head(baggage="turnout-session=k2"), NOW)
+    assert d.upstream_protocol == "http1" and d.to_dict()["upstream_protocol"] == "http1"
+    assert BASELINE.upstream_protocol == "auto"  # baseline: the listener's protocol applies
+
+
 @pytest.mark.parametrize(
     ("service", "headers"),
     [

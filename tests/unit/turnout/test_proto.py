@@ -36,6 +36,9 @@ def test_generated_modules_are_not_stale(tmp_path: pathlib.Path) -> None:
      "routes": [{"service": "users", "destination": "10.0.0.5:8080", "mode": "mirror", "fallback": "error",
                  "priority": 3, "match": {"all_of": [{"header": {"name": "x-user", "exact": "alice"}},
                                                      {"path": {"prefix": "/api/"}}]}}]},
+    {"id": "h1", "key": "k2", "routes": [
+        {"service": "web", "destination": "10.0.0.6:80", "upstream_protocol": "http1"},
+        {"service": "api", "destination": "10.0.0.7:80", "upstream_protocol": "http2"}]},
     {"id": "filter-only", "routes": [{"service": "users", "destination": "[::1]:9000",
                                       "match": {"http_filter": {"header_filter": "^x-dev: carol"}}}]},
 ])
