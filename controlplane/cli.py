@@ -24,6 +24,7 @@ from controlplane.auth import read_token
 from controlplane.client import ApiError, ControlPlaneClient, Unreachable
 from controlplane.durations import format_duration, parse_duration
 from controlplane.errors import StartupError
+from filters import UPSTREAM_PROTOCOLS
 
 DEFAULT_CONTROL_PLANE = "http://127.0.0.1:18080"
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -43,8 +44,8 @@ def add_commands(sub: Any) -> None:
     create = actions.add_parser(
         "create", parents=[common], help="create a session",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Create a session: one route per forked service; --mode, --fallback and --match apply\n"
-        "to every route. The control plane validates it (listing every problem), applies its\n"
+        description="Create a session: one route per forked service; --mode, --fallback, --upstream-protocol\n"
+        "and --match apply to every route. The control plane validates it (listing every problem), applies its\n"
         "policy, and refuses a (key, service) that another session holds, naming that session.",
         epilog="examples:\n"
         "  turnout session create --key abc123 --route users=10.0.0.5:8080 --ttl 2h\n"
@@ -58,6 +59,10 @@ def add_commands(sub: Any) -> None:
                         help="steal: the sandbox answers (default); mirror: baseline answers, the sandbox gets a copy")
     create.add_argument("--fallback", choices=["baseline", "error"],
                         help="sandbox unreachable: retry on baseline (default) or answer 503")
+    create.add_argument("--upstream-protocol", choices=list(UPSTREAM_PROTOCOLS),
+                        help="how requests reach the sandbox: auto = the client's protocol (default), http1 = "
+                        "HTTP/2 requests translated to HTTP/1.1, http2 = every request over HTTP/2 (gRPC is "
+                        "always HTTP/2)")
     create.add_argument("--match", type=_match, metavar="YAML_OR_JSON",
                         help="extra predicate, in the rules file's match language, e.g. "
                         "'{header: {name: x-user, exact: alice}}'; @FILE reads it from a file")
@@ -219,6 +224,8 @@ def _cmd_create(args: argparse.Namespace) -> int:
             route["mode"] = args.mode
         if args.fallback is not None:
             route["fallback"] = args.fallback
+        if args.upstream_protocol is not None:
+            route["upstream_protocol"] = args.upstream_protocol
         if args.match is not None:
             route["match"] = args.match
         routes.append(route)
@@ -358,9 +365,11 @@ def _describe(session: dict[str, Any], revision: int | None = None) -> str:
     width = max(len(name) for name, _ in fields)
     text = "".join(f"{name.ljust(width)}  {value}\n" for name, value in fields)
     rows = [[r["service"], r["destination"], r.get("mode", "steal"), r.get("fallback", "baseline"),
-             str(r.get("priority", 0)), json.dumps(r["match"], separators=(",", ":")) if "match" in r else "-"]
+             r.get("upstream_protocol", "auto"), str(r.get("priority", 0)),
+             json.dumps(r["match"], separators=(",", ":")) if "match" in r else "-"]
             for r in session["routes"]]
-    return text + "\n" + _table(["SERVICE", "DESTINATION", "MODE", "FALLBACK", "PRIORITY", "MATCH"], rows)
+    return text + "\n" + _table(["SERVICE", "DESTINATION", "MODE", "FALLBACK", "PROTOCOL", "PRIORITY", "MATCH"],
+                                 rows)
 
 
 def _when(timestamp: float | None, relative: bool = True) -> str:

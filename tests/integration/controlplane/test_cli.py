@@ -14,13 +14,14 @@ def test_session_lifecycle_human_output(control_plane: ControlPlane, tmp_path: P
     match_file.write_text("header: {name: x-user, exact: alice}\n")
     created = run_cli(control_plane, "session", "create", "--id", "cli-1", "--key", "cli-key",
                       "--route", "users=10.0.0.5:8080", "--route", "orders=10.0.0.6:80", "--mode", "mirror",
-                      "--fallback", "error", "--match", f"@{match_file}", "--priority", "5", "--ttl", "1h30m",
+                      "--fallback", "error", "--upstream-protocol", "http1", "--match", f"@{match_file}",
+                      "--priority", "5", "--ttl", "1h30m",
                       "--owner", "alice", "--label", "team=payments", "--label", "ticket=T-1")
     assert created.code == 0, created.err
     assert "created session cli-1" in created.out
     assert "baggage: turnout-session=cli-key" in created.out
     assert re.search(r"expires\s+\S+Z \(in 1h(29m|30m)", created.out), created.out
-    assert re.search(r"orders\s+10\.0\.0\.6:80\s+mirror\s+error\s+5\s+\{\"header\"", created.out), created.out
+    assert re.search(r"orders\s+10\.0\.0\.6:80\s+mirror\s+error\s+http1\s+5\s+\{\"header\"", created.out), created.out
 
     got = run_cli(control_plane, "session", "get", "cli-1")
     assert got.code == 0 and "labels    team=payments, ticket=T-1" in got.out
