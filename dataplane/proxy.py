@@ -490,7 +490,7 @@ class Exchange(UpstreamUser):
         else:
             self._head_bytes = block + b"transfer-encoding: chunked\r\n\r\n"
         if kind == "mirror":
-            self.mirror = state.mirrors.start(decision, plan, block)
+            self.mirror = state.mirrors.start(decision, plan.method, block)
             if self.mirror is not None and plan.body == BODY_NONE:
                 self.mirror.end()
 

@@ -88,35 +88,16 @@ class H1Bridge(UpstreamUser):
         """Write the request head built from the stream's HTTP/2 head (``pending``: DATA held
         while connecting; ``ended``: the client's request is already complete)."""
         self.conn = conn
-        method = path = authority = b""
-        lines: list[bytes] = []
-        cookies: list[bytes] = []
-        for name, value in headers:
-            if name[:1] == b":":
-                if name == b":method":
-                    method = value
-                elif name == b":path":
-                    path = value
-                elif name == b":authority":
-                    authority = value
-            elif name in _DROPPED:
-                if name == b"cookie":
-                    cookies.append(value)
-            else:
-                lines.append(name + b": " + value + b"\r\n")
-        if cookies:
-            lines.append(b"cookie: " + b"; ".join(cookies) + b"\r\n")
+        method = headers[0][1]  # H2Stream puts :method first
         if content_length != -1:
-            lines.append(b"content-length: %d\r\n" % content_length)
+            framing = b"content-length: %d\r\n\r\n" % content_length
         elif ended:
             size = sum(len(data) for data, _ in pending) if pending else 0
-            if size or method not in _BODILESS:
-                lines.append(b"content-length: %d\r\n" % size)
+            framing = b"content-length: %d\r\n\r\n" % size if size or method not in _BODILESS else b"\r\n"
         else:
             self.chunked = True
-            lines.append(b"transfer-encoding: chunked\r\n")
-        conn.begin(self, method, b"".join([method, b" ", path, b" HTTP/1.1\r\nhost: ", authority, b"\r\n",
-                                           *lines, b"\r\n"]))
+            framing = b"transfer-encoding: chunked\r\n\r\n"
+        conn.begin(self, method, http1_block(headers) + framing)
 
     # ------------------------------------------------------------------ as the stream's upstream
 
@@ -243,3 +224,27 @@ class H1Bridge(UpstreamUser):
             self._held_acks = []
             for sender, sender_stream, flow_len in held:
                 sender.acknowledge(sender_stream, flow_len)
+
+
+def http1_block(headers: Headers) -> bytes:
+    """An HTTP/2 request head as an HTTP/1.1 request line and fields, without framing fields or
+    the blank line: ``:authority`` becomes Host, ``cookie`` fields one field, ``te`` is dropped."""
+    method = path = authority = b""
+    lines: list[bytes] = []
+    cookies: list[bytes] = []
+    for name, value in headers:
+        if name[:1] == b":":
+            if name == b":method":
+                method = value
+            elif name == b":path":
+                path = value
+            elif name == b":authority":
+                authority = value
+        elif name in _DROPPED:
+            if name == b"cookie":
+                cookies.append(value)
+        else:
+            lines.append(name + b": " + value + b"\r\n")
+    if cookies:
+        lines.append(b"cookie: " + b"; ".join(cookies) + b"\r\n")
+    return b"".join([method, b" ", path, b" HTTP/1.1\r\nhost: ", authority, b"\r\n", *lines])

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     import asyncio
 
     from dataplane.config import Listener
+    from dataplane.mirror import MirrorCopy
     from dataplane.upstream import UpstreamConnection
     from dataplane.worker import WorkerState
 
@@ -390,6 +391,7 @@ class H2Stream(H2UpstreamUser):
     retried = False
     sent_body = False  # request DATA was handed to the upstream: no retry or fallback any more
     grpc_status = b""
+    mirror: MirrorCopy | None = None  # a mirror decision's copy of the request, filled as it arrives
     _pending: list[tuple[bytes, int]] | None = None  # request DATA held while connecting
     _request_trailers: Headers | None = None
     _received_bytes = 0
@@ -506,6 +508,10 @@ class H2Stream(H2UpstreamUser):
         stream = cls(conn, stream_id, service, decision, baseline, plan, upstream_headers, grpc, content_length)
         conn.streams[stream_id] = stream
         stream.request_done = ended
+        if decision.kind == "mirror":
+            stream.mirror = state.mirrors.start_h2(decision, upstream_headers, grpc)
+            if stream.mirror is not None and ended:
+                stream.mirror.end()
         if timeout:
             seconds = parse_grpc_timeout(timeout)
             if seconds is not None:
@@ -582,6 +588,8 @@ class H2Stream(H2UpstreamUser):
         if self.content_length != -1 and self._received_bytes > self.content_length:
             self._malformed()
             return
+        if self.mirror is not None:
+            self.mirror.feed(data)
         if self.finished:
             self.conn.acknowledge(self.stream_id, flow_len)
             return
@@ -605,6 +613,8 @@ class H2Stream(H2UpstreamUser):
             return
         self.request_done = True
         self._request_trailers = trailers
+        if self.mirror is not None:
+            self.mirror.end(trailers)
         if self.finished:
             return
         if self.upstream is not None:
@@ -819,6 +829,8 @@ class H2Stream(H2UpstreamUser):
         if self.finished:
             return
         self.finished = True
+        if self.mirror is not None and not self.request_done:
+            self.mirror.cancel()  # never a partial copy
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
