@@ -298,37 +298,10 @@ class H2Bench:
     # ---- measurements
 
     def h2load(self, target: Target, argv: list[str], duration_s: float, what: str) -> dict[str, Any]:
-        """Run h2load on cpu0, sampling the proxy's CPU (its process group) and peak worker RSS."""
-        group = target.group()
-        ticks0, stat0, t0 = cpu_ticks(group), cpu_times(), time.monotonic()
-        out_path = self.tmp / "h2load.out"
-        process = self.procs.start("h2load", self.pinned(LOADGEN_CPU, argv), out_path)
-        peak_rss = 0
-        deadline = t0 + duration_s + LOADGEN_SLACK_S
-        try:
-            while process.poll() is None:
-                if time.monotonic() > deadline:
-                    raise BenchError(f"h2load ({what}) against {target.name} did not finish in time")
-                peak_rss = max(peak_rss, sum(rss_kb(p) for p in target.workers))
-                time.sleep(0.2)
-        finally:
-            self.procs.stop(process, signal.SIGKILL)
-        elapsed = time.monotonic() - t0
-        ticks1, stat1 = cpu_ticks(group), cpu_times()
-        text = _tail(out_path, 10000)
-        if process.returncode != 0:
-            raise BenchError(f"h2load ({what}) against {target.name} failed ({process.returncode}):\n{text}")
-        busy = cpu_busy(stat0, stat1)
-        user, system = ticks1[0] - ticks0[0], ticks1[1] - ticks0[1]
-        proxy_cores = (user + system) / CLK_TCK / elapsed if group else None
-        return {
-            "argv": " ".join(argv[argv.index(self.tools["h2load"]):]), "text": text, "elapsed_s": elapsed,
-            "proxy_cpu_s": (user + system) / CLK_TCK if group else None, "proxy_cores": proxy_cores,
-            "proxy_sys_share": system / (user + system) if group and user + system else None,
-            "cpu_busy": {str(k): round(v, 3) for k, v in busy.items()},
-            "cpu1_other": max(0.0, busy.get(PROXY_CPU, 0.0) - (proxy_cores or 0.0)) if group else None,
-            "worker_rss_mb": peak_rss / 1024 if target.workers else None,
-        }
+        """Run h2load (``argv``) pinned to cpu0, sampling the proxy's CPU and peak worker RSS meanwhile."""
+        run = sampled_run(self.procs, self.pinned(LOADGEN_CPU, argv), self.tmp / "h2load.out", target, duration_s,
+                          f"h2load ({what}) against {target.name}")
+        return {"argv": " ".join(argv), **run}
 
     def throughput(self, target: Target, header: str | None, duration_s: float, port: int | None = None
                    ) -> dict[str, Any]:
@@ -338,7 +311,7 @@ class H2Bench:
         if header:
             argv += ["-H", header]
         argv.append(f"http://127.0.0.1:{port or target.port}/bench")
-        run = self.h2load(target, self.pinned(LOADGEN_CPU, argv), duration_s, "throughput")
+        run = self.h2load(target, argv, duration_s, "throughput")
         text = run.pop("text")
         rps = _search_float(r"finished in [\d.]+m?s, ([\d.]+) req/s", text)
         counts = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
@@ -362,7 +335,7 @@ class H2Bench:
         if header:
             argv += ["-H", header]
         argv.append(f"http://127.0.0.1:{port or target.port}/bench")
-        run = self.h2load(target, self.pinned(LOADGEN_CPU, argv), duration_s, f"fixed rate -c{clients}")
+        run = self.h2load(target, argv, duration_s, f"fixed rate -c{clients}")
         text = run.pop("text")
         latencies_us: list[int] = []
         starts_us: list[int] = []
@@ -457,6 +430,43 @@ class H2Bench:
                "summary": str(summary), "load": f"h2load -c{self.args.clients} -m{self.args.streams}", **table}
         summary.write_text(profile_markdown(out) + "\n")
         return out
+
+
+def sampled_run(procs: Processes, argv: list[str], out_path: Path, target: Target, duration_s: float, what: str,
+                also: Sequence[int] = ()) -> dict[str, Any]:
+    """Run a load generator (``argv``, already pinned) to completion, bounded by ``duration_s`` plus
+    slack, sampling meanwhile the CPU of ``target``'s process group (and of ``also``), the
+    per-CPU busy time, and the peak RSS of ``target``'s workers. Its output is in ``text``."""
+    group = target.group()
+    ticks0, also0, stat0, t0 = cpu_ticks(group), cpu_ticks(also), cpu_times(), time.monotonic()
+    process = procs.start(what, argv, out_path)
+    peak_rss = 0
+    deadline = t0 + duration_s + LOADGEN_SLACK_S
+    try:
+        while process.poll() is None:
+            if time.monotonic() > deadline:
+                raise BenchError(what + " did not finish in time")
+            peak_rss = max(peak_rss, sum(rss_kb(p) for p in target.workers))
+            time.sleep(0.2)
+    finally:
+        procs.stop(process, signal.SIGKILL)
+    elapsed = time.monotonic() - t0
+    ticks1, also1, stat1 = cpu_ticks(group), cpu_ticks(also), cpu_times()
+    text = _tail(out_path, 100000)
+    if process.returncode != 0:
+        raise BenchError(f"{what} failed ({process.returncode}):\n{text[-3000:]}")
+    busy = cpu_busy(stat0, stat1)
+    user, system = ticks1[0] - ticks0[0], ticks1[1] - ticks0[1]
+    proxy_cores = (user + system) / CLK_TCK / elapsed if group else None
+    return {
+        "text": text, "elapsed_s": elapsed,
+        "proxy_cpu_s": (user + system) / CLK_TCK if group else None, "proxy_cores": proxy_cores,
+        "proxy_sys_share": system / (user + system) if group and user + system else None,
+        "cpu_busy": {str(k): round(v, 3) for k, v in busy.items()},
+        "cpu1_other": max(0.0, busy.get(PROXY_CPU, 0.0) - (proxy_cores or 0.0)) if group else None,
+        "worker_rss_mb": peak_rss / 1024 if target.workers else None,
+        "also_cores": (sum(also1) - sum(also0)) / CLK_TCK / elapsed if also else None,
+    }
 
 
 def _h2load_time(text: str, column: str) -> float | None:
