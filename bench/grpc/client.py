@@ -134,7 +134,8 @@ def open_loop(target: str, rate: float, duration_s: float, warmup_s: float, meta
         grpc.channel_ready_future(channel).result(timeout=CALL_TIMEOUT_S)
         call = channel.unary_unary(PATH)
         expect_bytes = ("ok from " + expect).encode()
-        timetable(call, rate, max(1, round(rate * warmup_s)), metadata, Tally(expect_bytes))
+        warmup_calls = max(1, round(rate * warmup_s))
+        timetable(call, rate, warmup_calls, metadata, Tally(expect_bytes))
         tally = Tally(expect_bytes)
         count = max(2, round(rate * duration_s))
         cpu0, wall0 = _cpu_s(), time.perf_counter()
@@ -143,7 +144,7 @@ def open_loop(target: str, rate: float, duration_s: float, warmup_s: float, meta
     late = sum(1 for x in tally.lateness_s if x > LATE_SEND_S)
     return {
         "client": "grpcio (Python, sync API futures, timetable thread)", "mode": "open loop",
-        "rate_target": rate, "calls": count, "ok": len(tally.latencies_s),
+        "rate_target": rate, "warmup_calls": warmup_calls, "calls": count, "ok": len(tally.latencies_s),
         "achieved_rps": (count - 1) / span_s if span_s > 0 else None,
         "late_sends": late, "late_send_threshold_ms": LATE_SEND_S * 1000,
         "lateness": percentiles(tally.lateness_s), "latency": percentiles(tally.latencies_s),

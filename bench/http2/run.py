@@ -5,6 +5,7 @@ Usage (from the repository root, as root so missing tools can be installed with 
     .venv/bin/python -m bench.http2.run                    # full run, ~5 minutes
     .venv/bin/python -m bench.http2.run --quick            # short cases, ~2 minutes
     .venv/bin/python -m bench.http2.run --duration 20      # 20 s per measured case
+    .venv/bin/python -m bench.http2.run --rounds 3         # median of 3 interleaved rounds
     .venv/bin/python -m bench.http2.run --proxies turnout --profile   # + py-spy profile
 
 What it does, in one run:
@@ -101,6 +102,7 @@ from bench.http1.run import (
     free_port,
     http_get,
     machine_load,
+    median_round,
     own_time_table,
     render,
     rss_kb,
@@ -556,7 +558,8 @@ def report(summary: dict[str, Any], meta: dict[str, Any], skipped: dict[str, str
         f"{1000 * LATENCY_CLIENTS / meta['rate']:g} ms), *uniform* = -c1 (one request every "
         f"{1000 / meta['rate']:g} ms). Load generator + upstream on cpu{LOADGEN_CPU}, proxy alone on cpu{PROXY_CPU}, "
         "one worker each. Upstream: nginx; turnout and HAProxy speak h2c to it, nginx and turnout-h1up "
-        f"HTTP/1.1 ({meta['upstream_idle']} idle keep-alive connections per destination).",
+        f"HTTP/1.1 ({meta['upstream_idle']} idle keep-alive connections per destination)"
+        + (f"; median of {meta['rounds']} interleaved rounds." if meta["rounds"] > 1 else "."),
         "",
         "| proxy | req/s (no key) | req/s (routed key) | p50 ms | p99 ms | added p50 ms | added p99 ms "
         "| uniform p50 ms | uniform p99 ms | uniform added p50 ms | CPU cores / 1k req/s | worker RSS MB |",
@@ -659,6 +662,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="idle pooled HTTP/1.1 upstream connections per destination for nginx (keepalive) and "
                         "turnout-h1up (upstream_max_idle_per_destination), and HAProxy's pool-max-conn; default "
                         "%(default)s = the requests h2load keeps in flight, so no proxy churns connections")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure every target this many times, interleaved, and report the median run "
+                        "(default 1; 3 steadies a shared machine)")
     p.add_argument("--quick", action="store_true", help="short cases (3 s throughput, 5 s latency, 1 s warm-up)")
     p.add_argument("--proxies", default=",".join(PROXIES),
                    help="comma-separated subset of " + ",".join(PROXIES) + " (default all); 'direct' is always run")
@@ -680,7 +686,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if unknown:
         p.error("unknown proxies: " + ", ".join(sorted(unknown)))
     for name in ("duration", "warmup", "latency_duration", "rate", "profile_duration", "upstream_idle", "clients",
-                 "streams"):
+                 "streams", "rounds"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
     return args
@@ -698,7 +704,7 @@ def run(args: argparse.Namespace) -> int:
         "throughput_argv": f"h2load -t{H2LOAD_THREADS} -c{args.clients} -m{args.streams} -D{round(args.duration)} "
                            "[-H 'baggage: turnout-session=bench'] http://127.0.0.1:PORT/bench",
         "latency_clients": [LATENCY_CLIENTS, 1], "routed_header": ROUTED_HEADER, "body_bytes": BODY_BYTES,
-        "upstream_idle": args.upstream_idle, "loadgen_cpu": LOADGEN_CPU, "proxy_cpu": PROXY_CPU,
+        "upstream_idle": args.upstream_idle, "rounds": args.rounds, "loadgen_cpu": LOADGEN_CPU, "proxy_cpu": PROXY_CPU,
         "versions": tool_versions(tools), "load_before": machine_load(),
     }
     log(f"machine load before: {meta['load_before']['loadavg']}; busiest: {meta['load_before']['top_processes'][:3]}")
@@ -718,8 +724,14 @@ def run(args: argparse.Namespace) -> int:
                 target = bench.start(name)
                 if target is not None:
                     targets.append(target)
-            for target in targets:
-                results[target.name] = bench.measure(target)
+            # Rounds interleave the targets, so a change in the machine's load hits all of them alike.
+            rounds: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
+            for i in range(args.rounds):
+                if args.rounds > 1:
+                    log(f"round {i + 1} of {args.rounds}")
+                for target in targets:
+                    rounds[target.name].append(bench.measure(target))
+            results = {name: median_round(runs) for name, runs in rounds.items()}
             turnout = next((t for t in targets if t.name == "turnout"), None)
             if args.profile and turnout is not None:
                 profile = bench.profile(turnout, HERE / "profile", args.profile_duration)
