@@ -19,7 +19,7 @@ from h2.exceptions import ProtocolError
 from dataplane.errors import HttpError
 from dataplane.http1.semantics import ResponsePlan
 from dataplane.http2.bridge import http1_block
-from dataplane.http2.upstream import H2Upstream, H2UpstreamUser
+from dataplane.http2.upstream import H2Upstream
 from dataplane.upstream import UpstreamConnection, UpstreamUser
 from filters import Address, Decision
 
@@ -108,7 +108,7 @@ class _Discard(UpstreamUser):
             self.manager.state.metrics.mirror_dropped("timeout")
 
 
-class _DiscardH2(H2UpstreamUser):
+class _DiscardH2:
     """Reads the sandbox's HTTP/2 answer to a copy and throws it away."""
 
     def __init__(self, manager: MirrorManager, conn: H2Upstream) -> None:

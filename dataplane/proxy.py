@@ -27,7 +27,6 @@ from dataplane.errors import HttpError
 from dataplane.http1.framing import ChunkedDecoder, ContentLengthDecoder, Decoder, chunk, last_chunk
 from dataplane.http1.scan import check_head, find_head_end, skip_leading_crlf
 from dataplane.http1.semantics import (
-    BODY_CHUNKED,
     BODY_LENGTH,
     BODY_NONE,
     RequestPlan,
@@ -35,6 +34,7 @@ from dataplane.http1.semantics import (
     field_lines,
     plan_request,
 )
+from dataplane.http2.carrier import H2Carrier
 from dataplane.upstream import UpstreamConnection, UpstreamUser
 from filters import Address, Decision, RequestHead
 
@@ -446,6 +446,9 @@ def _joined(headers: list[tuple[bytes, bytes]], fields: dict[bytes, bytes] | Non
     return out
 
 
+_NO_TRAILERS: list[tuple[bytes, bytes]] = []  # never changed: passed on only to be read
+
+
 class Exchange(UpstreamUser):
     """One request and its response, from the routing decision to the last byte."""
 
@@ -468,6 +471,7 @@ class Exchange(UpstreamUser):
     _client_chunked = False
     _held_head: bytes | None = None
     _body_started = False
+    _h2 = False  # the upstream is an HTTP/2 stream (route upstream_protocol: http2)
 
     def __init__(self, conn: Downstream, plan: RequestPlan, service: str, decision: Decision,
                  baseline: Address, head: RequestHead, fields: dict[bytes, bytes] | None) -> None:
@@ -533,7 +537,15 @@ class Exchange(UpstreamUser):
 
     def begin(self) -> None:
         """Send the request to a pooled connection, or start connecting."""
-        conn = self.state.pool.acquire(self.destination)
+        protocol = (self.decision.upstream_protocol if self.route_kind == "sandbox"
+                    else self.conn.listener.upstream_protocol)
+        conn: UpstreamConnection | None
+        if protocol == "http2" and not self.plan.websocket:  # an upgrade has no HTTP/2 form here
+            self._h2 = True
+            conn = H2Carrier.acquire(self.state, self.destination)
+        else:
+            self._h2 = False
+            conn = self.state.pool.acquire(self.destination)
         if conn is not None:
             self._bind(conn)
         else:
@@ -543,7 +555,10 @@ class Exchange(UpstreamUser):
 
     async def _connect(self) -> None:
         try:
-            conn = await self.state.pool.connect(self.destination)
+            if self._h2:
+                conn: UpstreamConnection = await H2Carrier.connect(self.state, self.destination)
+            else:
+                conn = await self.state.pool.connect(self.destination)
         except HttpError as exc:
             self._connect_failed(exc)
             return
@@ -570,7 +585,7 @@ class Exchange(UpstreamUser):
 
     def _bind(self, conn: UpstreamConnection) -> None:
         self.upstream = conn
-        conn.begin(self, self.plan.method, self._head_bytes)
+        conn.begin(self, self.plan.method, self._head_bytes, self.plan.body)
         if self.conn.write_paused:
             conn.pause_reading()  # the client is still behind on an earlier response
         pending = self._pending
@@ -580,14 +595,10 @@ class Exchange(UpstreamUser):
         if self._pending_paused:
             self._pending_paused = False
             self.conn.resume_reading()
-        chunked = self.plan.body == BODY_CHUNKED
         for data in pending:
-            if chunked:
-                conn.writelines(chunk(data))
-            else:
-                conn.write(data)
-        if self.request_done and chunked:
-            conn.write(last_chunk(self._trailers or []))
+            conn.send_body(data)
+        if self.request_done:
+            conn.end_body(self._trailers or _NO_TRAILERS)
 
     def on_request_data(self, data: bytes) -> None:
         """Request body bytes from the client."""
@@ -601,24 +612,18 @@ class Exchange(UpstreamUser):
                 self.conn.pause_reading()
             return
         upstream = self.upstream
-        if upstream is None:
-            return
-        if self.plan.body == BODY_CHUNKED:
-            upstream.writelines(chunk(data))
-        else:
-            upstream.write(data)
+        if upstream is not None:
+            upstream.send_body(data)
 
     def on_request_end(self, trailers: list[tuple[bytes, bytes]]) -> None:
         """The client's request body is complete."""
         self.request_done = True
         if self.mirror is not None:
             self.mirror.end()
-        if self.plan.body != BODY_CHUNKED:
-            return
         if self._pending is not None:
             self._trailers = trailers
         elif self.upstream is not None:
-            self.upstream.write(last_chunk(trailers))
+            self.upstream.end_body(trailers)
 
     def on_upstream_writable(self, writable: bool) -> None:
         """Upstream buffer crossed a watermark: stop or restart reading the client."""

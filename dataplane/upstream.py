@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from dataplane.errors import HttpError
-from dataplane.http1.framing import ChunkedDecoder, ContentLengthDecoder, Decoder, UntilCloseDecoder
+from dataplane.http1.framing import ChunkedDecoder, ContentLengthDecoder, Decoder, UntilCloseDecoder, chunk, last_chunk
 from dataplane.http1.scan import check_head, find_head_end
 from dataplane.http1.semantics import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, ResponsePlan, plan_response
 from filters import Address
@@ -75,6 +75,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._method = b"GET"
         self._keep_alive = True
         self._ended: list[tuple[bytes, bytes]] | None = None  # trailers of a response not yet reported
+        self._chunked = False  # the current request's body is chunked
 
     # ------------------------------------------------------------------ asyncio callbacks
 
@@ -159,10 +160,12 @@ class UpstreamConnection(asyncio.Protocol):
         """Whether the connection can still carry a request."""
         return self._phase != _CLOSED and self.transport is not None and not self.transport.is_closing()
 
-    def begin(self, user: UpstreamUser, method: bytes, head: bytes) -> None:
-        """Start an exchange: send the request head and expect a response."""
+    def begin(self, user: UpstreamUser, method: bytes, head: bytes, body: int = BODY_NONE) -> None:
+        """Start an exchange: send the request head (framed for ``body``, a ``BODY_*``) and
+        expect a response."""
         self.user = user
         self._method = method
+        self._chunked = body == BODY_CHUNKED
         self._phase = _HEAD
         self._buf = b""
         self._keep_alive = True
@@ -170,8 +173,22 @@ class UpstreamConnection(asyncio.Protocol):
         assert self.transport is not None
         self.transport.write(head)
 
+    def send_body(self, data: bytes) -> None:
+        """Send request body bytes, as a chunk when the body is chunked."""
+        assert self.transport is not None
+        if self._chunked:
+            self.transport.writelines(chunk(data))
+        else:
+            self.transport.write(data)
+
+    def end_body(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        """The request body is complete: the last chunk (with trailers) when it is chunked."""
+        if self._chunked:
+            assert self.transport is not None
+            self.transport.write(last_chunk(trailers))
+
     def write(self, data: bytes) -> None:
-        """Send request body bytes (or tunnel bytes)."""
+        """Send bytes as they are (tunnel bytes, a mirrored copy's body)."""
         assert self.transport is not None
         self.transport.write(data)
 

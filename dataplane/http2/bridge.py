@@ -27,8 +27,7 @@ from typing import TYPE_CHECKING
 from h2.errors import ErrorCodes
 
 from dataplane.errors import HttpError
-from dataplane.http1.framing import chunk, last_chunk
-from dataplane.http1.semantics import ResponsePlan
+from dataplane.http1.semantics import BODY_CHUNKED, BODY_LENGTH, ResponsePlan
 from dataplane.upstream import UpstreamConnection, UpstreamUser
 
 if TYPE_CHECKING:
@@ -46,7 +45,6 @@ class H1Bridge(UpstreamUser):
     """One HTTP/2 stream's exchange with an HTTP/1.1 upstream."""
 
     conn: UpstreamConnection | None = None
-    chunked = False
     request_ended = False  # the whole request was handed to the upstream connection
     response_started = False
     done = False  # the response ended or the exchange was given up
@@ -89,15 +87,16 @@ class H1Bridge(UpstreamUser):
         while connecting; ``ended``: the client's request is already complete)."""
         self.conn = conn
         method = headers[0][1]  # H2Stream puts :method first
+        body = BODY_LENGTH
         if content_length != -1:
             framing = b"content-length: %d\r\n\r\n" % content_length
         elif ended:
             size = sum(len(data) for data, _ in pending) if pending else 0
             framing = b"content-length: %d\r\n\r\n" % size if size or method not in _BODILESS else b"\r\n"
         else:
-            self.chunked = True
+            body = BODY_CHUNKED
             framing = b"transfer-encoding: chunked\r\n\r\n"
-        conn.begin(self, method, http1_block(headers) + framing)
+        conn.begin(self, method, http1_block(headers) + framing, body)
 
     # ------------------------------------------------------------------ as the stream's upstream
 
@@ -110,10 +109,7 @@ class H1Bridge(UpstreamUser):
                 sender.acknowledge(sender_stream, flow_len)
             return
         if data:
-            if self.chunked:
-                conn.writelines(chunk(data))
-            else:
-                conn.write(data)
+            conn.send_body(data)
         if sender is not None:
             if self._write_paused:
                 self._held_acks.append((sender, sender_stream, flow_len))
@@ -123,8 +119,8 @@ class H1Bridge(UpstreamUser):
     def queue_end(self, stream_id: int, trailers: Headers | None) -> None:
         """The client's request is complete (trailers only survive chunked framing)."""
         self.request_ended = True
-        if self.chunked and self.conn is not None and not self.done:
-            self.conn.write(last_chunk(trailers or []))
+        if self.conn is not None and not self.done:
+            self.conn.end_body(trailers or [])
 
     def acknowledge(self, stream_id: int, flow_len: int) -> None:
         """The client's connection took ``flow_len`` response bytes: read the upstream again

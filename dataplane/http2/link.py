@@ -1,10 +1,13 @@
 """What both ends of an HTTP/2 hop share: an h2 connection on a transport, and data
 queued per stream until the peer's flow-control window and our write buffer allow it.
 
-Flow control is end to end: bytes received on one connection are acknowledged to their
-sender (``acknowledge_received_data``, which opens its window again) only once the other
-connection's transport has taken them. A peer that stops reading therefore stops the
-peer that writes, and the proxy holds at most one window per stream in between.
+Flow control is end to end, per stream: bytes received on one connection are acknowledged
+to their sender on their stream (which opens that stream's window again) only once the other
+connection's transport has taken them. A peer that stops reading therefore stops the peer
+that writes, and the proxy holds at most one stream window per stream in between. The
+connection's own window is opened again as soon as DATA arrives (as Envoy does): the stream
+windows bound what is held, and one stream whose reader is slow (one client that does not
+read, sharing an upstream connection with everyone else) never stalls the other streams.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ from typing import Protocol, cast
 
 from h2.connection import H2Connection as _H2
 from h2.errors import ErrorCodes
-from h2.exceptions import ProtocolError
-from hyperframe.frame import GoAwayFrame
+from h2.exceptions import NoSuchStreamError, ProtocolError, StreamClosedError
+from hyperframe.frame import GoAwayFrame, WindowUpdateFrame
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -112,15 +115,35 @@ class H2Link(asyncio.Protocol):
 
     # ------------------------------------------------------------------ flow control
 
-    def acknowledge(self, stream_id: int, flow_len: int) -> None:
-        """The bytes received on ``stream_id`` were taken: let the sender send more."""
+    def received(self, flow_len: int) -> None:
+        """DATA arrived (and is held by the proxy now): open the connection window again.
+
+        What ``H2Connection.acknowledge_received_data`` does for the connection, without the
+        stream part, which waits for ``acknowledge``.
+        """
         if self.closed or not flow_len:
             return
-        try:
-            self.h2.acknowledge_received_data(flow_len, stream_id)
-        except ProtocolError:
+        h2 = self.h2
+        increment = h2._inbound_flow_control_window_manager.process_bytes(flow_len)
+        if increment:
+            frame = WindowUpdateFrame(0)
+            frame.window_increment = increment
+            h2._prepare_for_sending([frame])
+
+    def acknowledge(self, stream_id: int, flow_len: int) -> None:
+        """The bytes received on ``stream_id`` were taken: let the sender send more on it."""
+        if self.closed or not flow_len:
             return
-        self.flush()
+        h2 = self.h2
+        try:
+            stream = h2._get_stream_by_id(stream_id)
+        except (NoSuchStreamError, StreamClosedError):
+            return  # nothing more can arrive on it: its window does not matter
+        if stream.open:
+            frames = stream.acknowledge_received_data(flow_len)
+            if frames:
+                h2._prepare_for_sending(frames)
+                self.flush()
 
     def queue_data(self, stream_id: int, data: bytes, sender: Acknowledger | None, sender_stream: int,
                    flow_len: int) -> None:

@@ -193,6 +193,7 @@ class H2Connection(H2Link):
         streams = self.streams
         for event in events:
             if isinstance(event, DataReceived):
+                self.received(event.flow_controlled_length)
                 stream = streams.get(event.stream_id)
                 if not event.data and event.stream_ended is None:
                     self._empty_frames += 1

@@ -8,7 +8,7 @@ a GOAWAY. A connection belongs to one destination address for its whole life.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from h2.config import H2Configuration
 from h2.connection import H2Connection as _H2
@@ -34,8 +34,9 @@ if TYPE_CHECKING:
     from dataplane.worker import WorkerState
 
 
-class H2UpstreamUser:
-    """What an upstream HTTP/2 stream reports to the downstream stream using it."""
+class H2UpstreamUser(Protocol):
+    """What an upstream HTTP/2 stream reports to whoever uses it (a downstream ``H2Stream``,
+    an HTTP/1.1 exchange's ``H2Carrier``, a mirrored copy)."""
 
     def on_up_headers(self, headers: Headers, end: bool) -> None:
         """The final response head arrived (``end``: a trailers-only response)."""
@@ -101,6 +102,7 @@ class H2Upstream(H2Link):
         users = self.users
         for event in events:
             if isinstance(event, DataReceived):
+                self.received(event.flow_controlled_length)
                 user = users.get(event.stream_id)
                 if user is not None:
                     user.on_up_data(event.data, event.flow_controlled_length)

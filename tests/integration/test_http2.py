@@ -60,7 +60,8 @@ class Seen:
 class H2Upstream:
     """An HTTP/2 server (h2, asyncio, in a thread) that records requests and resets.
 
-    Paths: ``/hang`` never answers; ``/big?<n>`` answers n bytes; ``/grpc`` answers a
+    Paths: ``/hang`` never answers; ``/big?<n>`` answers n bytes; ``/reset-mid`` resets
+    the stream after part of its response; ``/grpc`` answers a
     gRPC-shaped response with trailers; ``/goaway`` is refused the first time with a GOAWAY
     below its stream id (never processed); ``/noack`` never acknowledges request DATA (its
     flow-control window stays shut); ``/freeze`` makes the connection go silent, PINGs
@@ -116,7 +117,8 @@ class _H2ServerProtocol(asyncio.Protocol):
         self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, Seen] = {}
-        self.pending: dict[int, bytes] = {}  # response bodies waiting for window
+        # Response bodies waiting for window (views: sending a frame never copies the rest).
+        self.pending: dict[int, memoryview] = {}
         self.trailers: dict[int, list[tuple[bytes, bytes]]] = {}
         self.frozen = False  # after /freeze: reads nothing, answers nothing (a hung peer)
 
@@ -175,16 +177,22 @@ class _H2ServerProtocol(asyncio.Protocol):
             self.owner.went_away = True
             self.conn.close_connection(last_stream_id=stream_id - 2)
             return
+        if path == b"/reset-mid":
+            # Part of a response, then RST_STREAM: a broken response.
+            self.conn.send_headers(stream_id, [(b":status", b"200"), (b"content-length", b"100000")])
+            self.conn.send_data(stream_id, b"r" * 1000)
+            self.conn.reset_stream(stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
+            return
         if path.startswith(b"/big?"):
             size = int(path[5:])
             self.conn.send_headers(stream_id, [(b":status", b"200"), (b"content-length", b"%d" % size)])
-            self.pending[stream_id] = b"z" * size
+            self.pending[stream_id] = memoryview(b"z" * size)
             self._send(stream_id)
             return
         if path == b"/grpc":
             self.conn.send_headers(stream_id, [(b":status", b"200"), (b"content-type", b"application/grpc")])
             self.trailers[stream_id] = [(b"grpc-status", b"0"), (b"x-trailer", self.owner.label)]
-            self.pending[stream_id] = b"\x00\x00\x00\x00\x02ok"
+            self.pending[stream_id] = memoryview(b"\x00\x00\x00\x00\x02ok")
             self._send(stream_id)
             return
         body = json.dumps({"upstream": self.owner.label.decode(),
@@ -192,7 +200,7 @@ class _H2ServerProtocol(asyncio.Protocol):
                            "body_bytes": len(seen.body)}).encode()
         self.conn.send_headers(stream_id, [(b":status", b"200"), (b"content-type", b"application/json"),
                                            (b"x-upstream", self.owner.label)])
-        self.pending[stream_id] = body  # within the proxy's flow-control windows, like any body
+        self.pending[stream_id] = memoryview(body)  # within the proxy's flow-control windows, like any body
         self._send(stream_id)
 
     def _send(self, stream_id: int) -> None:
@@ -208,7 +216,7 @@ class _H2ServerProtocol(asyncio.Protocol):
             window = min(self.conn.local_flow_control_window(stream_id), self.conn.max_outbound_frame_size)
             if window <= 0:
                 break
-            self.conn.send_data(stream_id, data[:window])
+            self.conn.send_data(stream_id, bytes(data[:window]))
             data = data[window:]
         if data:
             self.pending[stream_id] = data
@@ -486,6 +494,27 @@ def test_slow_reader_is_flow_controlled(hstack: H2Stack) -> None:
             other.close()
     finally:
         c.close()
+
+
+def test_streams_that_are_not_read_never_stall_others_on_the_shared_upstream_connection(tmp_path: Path) -> None:
+    # Six clients that never read hold up to a stream window each (256 KiB): more than the
+    # upstream connection's whole window (1 MiB), which the proxy must therefore not hold back.
+    with h2_stack(tmp_path) as stack:
+        slow = [H2Client(stack.port) for _ in range(6)]
+        try:
+            for c in slow:
+                c.request("/big?4194304")
+            time.sleep(1.0)
+            other = H2Client(stack.port)
+            try:
+                _headers, body = other.response(other.request("/big?4194304"), timeout_s=10)
+                assert len(body) == 4 * 1024 * 1024
+            finally:
+                other.close()
+            assert stack.baseline.connections == 1  # they all shared one upstream connection
+        finally:
+            for c in slow:
+                c.close()
 
 
 def test_proxy_enforces_grpc_timeout(hstack: H2Stack, client: H2Client) -> None:
