@@ -184,7 +184,7 @@ class H2Connection(H2Link):
             # h2 queued a GOAWAY naming the error (this covers CONTINUATION floods, HPACK
             # bombs and oversized header lists: h2 stops at its limits).
             self.state.metrics.downstream_error("h2_protocol_error")
-            self.flush()
+            self.flush_now()
             self._abort_streams()
             self.closed = True
             if self.transport is not None:
@@ -292,6 +292,7 @@ class H2Connection(H2Link):
         if self.streams.pop(stream.stream_id, None) is None:
             return
         self.discard(stream.stream_id)
+        self.stream_done()
         if not self.streams:
             if self.draining and self._final_goaway:
                 self.close_with(ErrorCodes.NO_ERROR, self.last_stream_id)

@@ -52,6 +52,19 @@ class H2UpstreamUser(Protocol):
         did not process it (REFUSED_STREAM, or above a GOAWAY's last stream id)."""
 
 
+class _ClientH2(_H2):
+    """h2's client connection, minus its per-request count of open streams.
+
+    h2 counts open streams (by walking its whole stream table) every time a stream is
+    opened, to enforce the peer's ``max_concurrent_streams``; ``H2Upstream.has_capacity``
+    enforces it already from its own count. Closed streams are dropped by ``stream_done``.
+    """
+
+    @property
+    def open_outbound_streams(self) -> int:
+        return 0
+
+
 class H2Upstream(H2Link):
     """One HTTP/2 client connection to one destination, carrying many streams."""
 
@@ -74,7 +87,7 @@ class H2Upstream(H2Link):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         limits = self.pool.state.limits
         self.setup_transport(transport, limits.write_high_watermark_bytes, limits.write_low_watermark_bytes)
-        h2 = self.h2 = _H2(H2Configuration(client_side=True, header_encoding=None,
+        h2 = self.h2 = _ClientH2(H2Configuration(client_side=True, header_encoding=None,
                                            validate_outbound_headers=False, normalize_outbound_headers=False))
         # Replaced before initiate_connection, which advertises the current values.
         h2.local_settings = Settings(client=True, initial_values={
@@ -93,7 +106,7 @@ class H2Upstream(H2Link):
         try:
             events = self.h2.receive_data(data)
         except ProtocolError:
-            self.flush()  # h2 queued a GOAWAY
+            self.flush_now()  # h2 queued a GOAWAY
             self._fail_all(ErrorCodes.PROTOCOL_ERROR, None)
             self.closed = True
             if self.transport is not None:
@@ -210,6 +223,7 @@ class H2Upstream(H2Link):
     # ------------------------------------------------------------------ internals
 
     def _stream_gone(self) -> None:
+        self.stream_done()
         if not self.users:
             self.idle_since = self.pool.state.loop_time()
             if self.going_away:
