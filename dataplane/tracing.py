@@ -31,7 +31,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from dataplane.config import OTLP_EXPORTER_MODULE, OTLP_EXPORTER_PACKAGE, Tracing
 
 if TYPE_CHECKING:
-    from dataplane.proxy import Exchange
+    from dataplane.roles import FinishedRequest
 
 _TRACE_HEADERS = (b"traceparent", b"tracestate")
 
@@ -72,7 +72,7 @@ class RequestTracer:
         exporter: SpanExporter = module.OTLPSpanExporter(endpoint=config.endpoint)
         return exporter
 
-    def finished(self, exchange: Exchange, ended_at: float) -> None:
+    def finished(self, exchange: FinishedRequest, ended_at: float) -> None:
         """Record one finished request; ``ended_at`` is on the ``time.perf_counter()`` clock."""
         carrier: dict[str, str] = {}
         for name, value in exchange.plan.headers:

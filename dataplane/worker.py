@@ -26,7 +26,6 @@ from dataplane.http2.sniff import Sniffer, server_tls
 from dataplane.http2.upstream import H2Pool
 from dataplane.metrics import Metrics
 from dataplane.mirror import MirrorManager
-from dataplane.proxy import Downstream, Exchange
 from dataplane.pushlink import PushReceiver, push_socket_path
 from dataplane.rules import change_snapshot, compose_snapshot, rule_limits
 from dataplane.statefile import PushedState, load_state
@@ -34,6 +33,7 @@ from dataplane.upstream import Pool
 from filters import RequestHead, Snapshot, ValidationError, parse_session
 
 if TYPE_CHECKING:
+    from dataplane.roles import ClientConnection, FinishedRequest
     from dataplane.tracing import RequestTracer
 
 
@@ -61,7 +61,7 @@ class WorkerState:
         self.pool = Pool(self)
         self.h2_pool = H2Pool(self)  # multiplexed HTTP/2 upstream connections (gRPC)
         self.mirrors = MirrorManager(self)
-        self.connections: set[Downstream] = set()
+        self.connections: set[ClientConnection] = set()
         self.draining = False
         self.ready = False
         self.access_log = AccessLog(config.access_log.path, worker) if config.access_log else None
@@ -136,7 +136,7 @@ class WorkerState:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def request_finished(self, exchange: Exchange) -> None:
+    def request_finished(self, exchange: FinishedRequest) -> None:
         """Metrics, the access log and the trace span for one finished request."""
         ended_at = self.clock()
         seconds = ended_at - exchange.started_at

@@ -16,7 +16,7 @@ streams are cancelled; a client that does not read stops being read (``link.py``
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Protocol
 
 from h2.config import H2Configuration
 from h2.connection import H2Connection as _H2
@@ -170,7 +170,7 @@ class H2Connection(H2Link):
             self.close_with(ErrorCodes.REFUSED_STREAM, 0)
             return
         self.counted = True
-        cast("set[Any]", state.connections).add(self)
+        state.connections.add(self)
         state.metrics.connection_opened()
         self.flush()
         self._set_deadline(limits.header_read_timeout_s)
@@ -254,7 +254,7 @@ class H2Connection(H2Link):
         if self.counted:
             self.counted = False
             self.state.metrics.connection_closed()
-            cast("set[Any]", self.state.connections).discard(self)
+            self.state.connections.discard(self)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -846,7 +846,7 @@ class H2Stream(H2UpstreamUser):
             for _, flow_len in pending:
                 self.conn.acknowledge(self.stream_id, flow_len)  # the connection window still counts them
         if self.decision is not _NO_ROUTE:
-            self.state.request_finished(cast(Any, self))
+            self.state.request_finished(self)
         self.conn.stream_finished(self)
 
 
