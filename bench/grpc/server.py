@@ -24,7 +24,7 @@ import grpc.aio
 SERVICE = "bench.Bench"
 METHOD = "Echo"
 PATH = f"/{SERVICE}/{METHOD}"
-MESSAGE_BYTES = 100  # the request; and about the replies
+MESSAGE_BYTES = 100  # the request message (the clients send this many bytes)
 REPLY_BYTES = {"baseline": 100, "sandbox": 104}
 
 
