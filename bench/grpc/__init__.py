@@ -1,0 +1,1 @@
+"""gRPC unary benchmark: turnout vs direct (``python -m bench.grpc.run``)."""
