@@ -15,8 +15,8 @@ from setuptools import setup
 HOT_MODULES = [
     "dataplane/http1/scan.py", "dataplane/http1/semantics.py", "dataplane/http1/framing.py",
     "dataplane/http1/codec.py", "dataplane/proxy.py", "dataplane/upstream.py", "dataplane/mirror.py",
-    "dataplane/metrics.py", "dataplane/http2/carrier.py", "filters/baggage.py", "filters/keys.py",
-    "filters/head.py", "filters/matchers.py", "filters/snapshot.py",
+    "dataplane/metrics.py", "dataplane/deadline.py", "dataplane/http2/carrier.py", "filters/baggage.py",
+    "filters/keys.py", "filters/head.py", "filters/matchers.py", "filters/snapshot.py",
 ]
 
 if os.environ.get("TURNOUT_MYPYC") == "1":

@@ -23,6 +23,7 @@ import socket
 from http import HTTPStatus
 from typing import TYPE_CHECKING, cast
 
+from dataplane.deadline import Deadline
 from dataplane.errors import HttpError
 from dataplane.http1.framing import ChunkedDecoder, ContentLengthDecoder, Decoder, chunk, last_chunk
 from dataplane.http1.scan import check_head, find_head_end, skip_leading_crlf
@@ -77,9 +78,7 @@ class Downstream(asyncio.Protocol):
         self._read_pauses = 0
         self._pipeline_paused = False
         self.write_paused = False
-        self._deadline = 0.0
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
+        self.deadline = Deadline(state.loop, self._deadline_reached)
         self._idle = True  # between requests: closed silently when draining or idle too long
 
     # ------------------------------------------------------------------ asyncio callbacks
@@ -101,12 +100,12 @@ class Downstream(asyncio.Protocol):
             return
         state.connections.add(self)
         state.metrics.connection_opened()
-        self._set_deadline(limits.header_read_timeout_s)
+        self.deadline.move(limits.header_read_timeout_s)
 
     def data_received(self, data: bytes) -> None:
         phase = self.phase
         if phase == _BODY:
-            self._set_deadline(self.state.limits.body_idle_timeout_s)
+            self.deadline.move(self.state.limits.body_idle_timeout_s)
             assert self._decoder is not None
             try:
                 rest = self._decoder.feed(data)
@@ -122,7 +121,7 @@ class Downstream(asyncio.Protocol):
             self._read_heads()
             if first_bytes and self.phase == _HEAD and not self._idle:
                 # The head is not complete: it must be, header_read_timeout_s after its first byte.
-                self._set_deadline(self.state.limits.header_read_timeout_s)
+                self.deadline.move(self.state.limits.header_read_timeout_s)
         elif phase == _WAIT:
             self._buffer(data)
         elif phase == _TUNNEL:
@@ -155,9 +154,7 @@ class Downstream(asyncio.Protocol):
             self.state.metrics.connection_closed()
         self.phase = _CLOSED
         self.state.connections.discard(self)
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.deadline.cancel()
         exchange = self.exchange
         if exchange is not None:
             self.exchange = None
@@ -199,26 +196,7 @@ class Downstream(asyncio.Protocol):
 
     # ------------------------------------------------------------------ timers
 
-    def _set_deadline(self, seconds: float) -> None:
-        # One timer per connection, moved lazily: setting a later deadline is an attribute
-        # write; the timer re-arms itself when it fires early.
-        deadline = self.state.loop_time() + seconds
-        self._deadline = deadline
-        if self._timer is None or deadline < self._timer_at:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer_at = deadline
-            self._timer = self.state.loop.call_at(deadline, self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        if self.phase == _CLOSED:
-            return
-        now = self.state.loop_time()
-        if now < self._deadline:
-            self._timer_at = self._deadline
-            self._timer = self.state.loop.call_at(self._deadline, self._on_timer)
-            return
+    def _deadline_reached(self) -> None:
         phase = self.phase
         if phase == _HEAD:
             if self._idle and not self._buf:
@@ -294,11 +272,11 @@ class Downstream(asyncio.Protocol):
         self._idle = False
         if plan.body == BODY_NONE:
             self.phase = _WAIT
-            self._set_deadline(state.limits.upstream_response_timeout_s)
+            self.deadline.move(state.limits.upstream_response_timeout_s)
             exchange.request_done = True
         else:
             self.phase = _BODY
-            self._set_deadline(state.limits.body_idle_timeout_s)
+            self.deadline.move(state.limits.body_idle_timeout_s)
             if plan.body == BODY_LENGTH:
                 self._decoder = ContentLengthDecoder(plan.content_length, exchange.on_request_data,
                                                      self._on_request_end)
@@ -312,7 +290,7 @@ class Downstream(asyncio.Protocol):
         exchange = self.exchange
         if self.phase == _BODY:
             self.phase = _WAIT
-            self._set_deadline(self.state.limits.upstream_response_timeout_s)
+            self.deadline.move(self.state.limits.upstream_response_timeout_s)
         if exchange is not None:
             exchange.on_request_end(trailers)
 
@@ -338,19 +316,19 @@ class Downstream(asyncio.Protocol):
             return
         self.phase = _HEAD
         self._idle = True
-        self._set_deadline(self.state.limits.keepalive_idle_timeout_s)
+        self.deadline.move(self.state.limits.keepalive_idle_timeout_s)
         if self._pipeline_paused:
             self._pipeline_paused = False
             self.resume_reading()
         if self._buf:
             self._idle = False
-            self._set_deadline(self.state.limits.header_read_timeout_s)
+            self.deadline.move(self.state.limits.header_read_timeout_s)
             self._read_heads()
 
     def enter_tunnel(self) -> None:
         """The upstream accepted a WebSocket upgrade: bytes now flow both ways untouched."""
         self.phase = _TUNNEL
-        self._set_deadline(self.state.limits.keepalive_idle_timeout_s)
+        self.deadline.move(self.state.limits.keepalive_idle_timeout_s)
         rest = self._buf
         self._buf = b""
         if rest and self.exchange is not None and self.exchange.upstream is not None:
@@ -358,7 +336,7 @@ class Downstream(asyncio.Protocol):
 
     def tunnel_activity(self) -> None:
         """Bytes moved through the tunnel: push the idle deadline back."""
-        self._set_deadline(self.state.limits.keepalive_idle_timeout_s)
+        self.deadline.move(self.state.limits.keepalive_idle_timeout_s)
 
     # ------------------------------------------------------------------ replies
 
@@ -407,7 +385,7 @@ class Downstream(asyncio.Protocol):
             transport.close()
             return
         transport.write_eof()
-        self._set_deadline(self.state.limits.lingering_timeout_s)
+        self.deadline.move(self.state.limits.lingering_timeout_s)
 
     def _abort(self) -> None:
         self.phase = _CLOSED
@@ -691,7 +669,7 @@ class Exchange(UpstreamUser):
             self._held_head = None
             self.conn.write(held)
         if not self.finished:
-            self.conn._set_deadline(self.state.limits.body_idle_timeout_s)
+            self.conn.deadline.move(self.state.limits.body_idle_timeout_s)
 
     def on_response_data(self, data: bytes) -> None:
         """Stream response body bytes to the client."""
@@ -708,7 +686,7 @@ class Exchange(UpstreamUser):
             else:
                 self.conn.writelines((held, data))
             return
-        self.conn._set_deadline(self.state.limits.body_idle_timeout_s)
+        self.conn.deadline.move(self.state.limits.body_idle_timeout_s)
         if self._client_chunked:
             self.conn.writelines(chunk(data))
         else:

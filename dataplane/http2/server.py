@@ -38,6 +38,7 @@ from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
 from hyperframe.frame import Frame, HeadersFrame
 
+from dataplane.deadline import Deadline
 from dataplane.errors import HttpError
 from dataplane.http2.bridge import H1Bridge
 from dataplane.http2.grpc import GRPC_DEADLINE_EXCEEDED, GRPC_UNAVAILABLE, parse_grpc_timeout, trailers_only
@@ -140,9 +141,7 @@ class H2Connection(H2Link):
         self._empty_frames = 0
         self._control_frames = 0
         self._control_window_start = 0.0
-        self._deadline = 0.0
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
+        self.deadline = Deadline(state.loop, self._deadline_reached)
 
     # ------------------------------------------------------------------ asyncio callbacks
 
@@ -173,7 +172,7 @@ class H2Connection(H2Link):
         state.connections.add(self)
         state.metrics.connection_opened()
         self.flush()
-        self._set_deadline(limits.header_read_timeout_s)
+        self.deadline.move(limits.header_read_timeout_s)
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
@@ -255,9 +254,7 @@ class H2Connection(H2Link):
             self.counted = False
             self.state.metrics.connection_closed()
             self.state.connections.discard(self)
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.deadline.cancel()
         self._abort_streams()
         self.state.connection_gone()
 
@@ -275,7 +272,7 @@ class H2Connection(H2Link):
         self.last_stream_id = stream_id
         self._streams_total += 1
         if len(self.streams) == 0:
-            self._deadline = 0.0  # a stream is active: the connection is not idle
+            self.deadline.clear()  # a stream is active: the connection is not idle
         try:
             H2Stream.start(self, stream_id, headers, ended)
         except _Malformed:
@@ -297,7 +294,7 @@ class H2Connection(H2Link):
             if self.draining and self._final_goaway:
                 self.close_with(ErrorCodes.NO_ERROR, self.last_stream_id)
             else:
-                self._set_deadline(self.state.limits.keepalive_idle_timeout_s)
+                self.deadline.move(self.state.limits.keepalive_idle_timeout_s)
 
     def _abort_streams(self) -> None:
         for stream in list(self.streams.values()):
@@ -326,25 +323,9 @@ class H2Connection(H2Link):
 
     # ------------------------------------------------------------------ timers
 
-    def _set_deadline(self, seconds: float) -> None:
-        # One timer per connection, moved lazily (as in proxy.Downstream).
-        deadline = self.state.loop_time() + seconds
-        self._deadline = deadline
-        if self._timer is None or deadline < self._timer_at:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer_at = deadline
-            self._timer = self.state.loop.call_at(deadline, self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        if self.closed or self.streams or not self._deadline:
-            return  # active streams have their own timers
-        now = self.state.loop_time()
-        if now < self._deadline:
-            self._timer_at = self._deadline
-            self._timer = self.state.loop.call_at(self._deadline, self._on_timer)
-            return
+    def _deadline_reached(self) -> None:
+        if self.closed or self.streams:
+            return  # active streams have their own deadlines
         if not self._streams_total:
             self.state.metrics.downstream_error("header_timeout")
         self.close_with(ErrorCodes.NO_ERROR, self.last_stream_id)
@@ -397,7 +378,6 @@ class H2Stream(H2UpstreamUser):
     _pending: list[tuple[bytes, int]] | None = None  # request DATA held while connecting
     _request_trailers: Headers | None = None
     _received_bytes = 0
-    _timer: asyncio.TimerHandle | None = None
     _deadline_timer: asyncio.TimerHandle | None = None
 
     def __init__(self, conn: H2Connection, stream_id: int, service: str, decision: Decision, baseline: Address,
@@ -416,8 +396,7 @@ class H2Stream(H2UpstreamUser):
         self.grpc = grpc
         self.content_length = content_length  # -1: none given
         self.started_at = state.clock()
-        self._deadline = 0.0
-        self._timer_at = 0.0
+        self.idle = Deadline(state.loop, self._idle_reached)  # response / stream idle timeout
 
     # ------------------------------------------------------------------ start
 
@@ -518,7 +497,7 @@ class H2Stream(H2UpstreamUser):
             seconds = parse_grpc_timeout(timeout)
             if seconds is not None:
                 stream._deadline_timer = state.loop.call_later(seconds, stream.deadline_exceeded)
-        stream._touch(limits.h2_stream_idle_timeout_s if grpc else limits.upstream_response_timeout_s)
+        stream.idle.move(limits.h2_stream_idle_timeout_s if grpc else limits.upstream_response_timeout_s)
         stream.begin()
 
     # ------------------------------------------------------------------ request side
@@ -595,7 +574,7 @@ class H2Stream(H2UpstreamUser):
         if self.finished:
             self.conn.acknowledge(self.stream_id, flow_len)
             return
-        self._touch(self.state.limits.h2_stream_idle_timeout_s if self.grpc or self.response_started
+        self.idle.move(self.state.limits.h2_stream_idle_timeout_s if self.grpc or self.response_started
                     else self.state.limits.upstream_response_timeout_s)
         upstream = self.upstream
         if upstream is not None:
@@ -662,7 +641,7 @@ class H2Stream(H2UpstreamUser):
             out.append((b"x-turnout-route", route))
         self.status = status
         self.response_started = True
-        self._touch(self.state.limits.h2_stream_idle_timeout_s)
+        self.idle.move(self.state.limits.h2_stream_idle_timeout_s)
         try:
             conn.h2.send_headers(self.stream_id, out, end_stream=end)
         except ProtocolError:
@@ -681,7 +660,7 @@ class H2Stream(H2UpstreamUser):
             if self.upstream is not None:
                 self.upstream.acknowledge(self.up_stream_id, flow_len)
             return
-        self._touch(self.state.limits.h2_stream_idle_timeout_s)
+        self.idle.move(self.state.limits.h2_stream_idle_timeout_s)
         conn.queue_data(self.stream_id, data, self.upstream, self.up_stream_id, flow_len)
 
     def on_up_end(self, trailers: Headers | None) -> None:
@@ -744,22 +723,8 @@ class H2Stream(H2UpstreamUser):
 
     # ------------------------------------------------------------------ timers
 
-    def _touch(self, seconds: float) -> None:
-        deadline = self.state.loop_time() + seconds
-        self._deadline = deadline
-        if self._timer is None or deadline < self._timer_at:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer_at = deadline
-            self._timer = self.state.loop.call_at(deadline, self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None
+    def _idle_reached(self) -> None:
         if self.finished:
-            return
-        if self.state.loop_time() < self._deadline:
-            self._timer_at = self._deadline
-            self._timer = self.state.loop.call_at(self._deadline, self._on_timer)
             return
         self._cancel_upstream()
         self.state.metrics.upstream_error(self.service, self.route_kind, "upstream_timeout")
@@ -833,9 +798,7 @@ class H2Stream(H2UpstreamUser):
         self.finished = True
         if self.mirror is not None and not self.request_done:
             self.mirror.cancel()  # never a partial copy
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.idle.cancel()
         if self._deadline_timer is not None:
             self._deadline_timer.cancel()
             self._deadline_timer = None
