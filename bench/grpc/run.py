@@ -50,8 +50,6 @@ import argparse
 import json
 import os
 import re
-import shutil
-import signal
 import statistics
 import struct
 import subprocess
@@ -76,12 +74,14 @@ from bench.http1.run import (
     _fmt,
     _percentile,
     _tail,
+    bench_main,
     ensure_tools,
     free_port,
     http_get,
+    interleaved,
     machine_load,
     render,
-    terminate_on_sigterm,
+    stopping,
     tool_versions,
     turnout_binary,
     wait_http,
@@ -429,41 +429,24 @@ def run(args: argparse.Namespace) -> int:
     procs = Processes()
     tmp = Path(tempfile.mkdtemp(prefix="turnout-bench-grpc-"))
     results: dict[str, dict[str, Any]] = {}
-    old_sigint = signal.getsignal(signal.SIGINT)
-    try:
-        with terminate_on_sigterm():
-            bench = GrpcBench(args, tools, tmp, procs)
-            bench.start_server()
-            turnout = bench.start_turnout()
-            direct = Target("direct", bench.sandbox_port)
-            paths = ((direct, bench.sandbox_port), (turnout, turnout.port))
-            # Rounds interleave direct and turnout, so a change in the machine's load hits both alike.
-            open_rounds: dict[str, list[dict[str, Any]]] = {target.name: [] for target, _ in paths}
-            for i in range(args.rounds):
-                if args.rounds > 1:
-                    log(f"round {i + 1} of {args.rounds}")
-                for target, port in paths:
-                    open_rounds[target.name].append(bench.open_loop(target, port))
-            for name, runs in open_rounds.items():
-                median = sorted(runs, key=lambda run: float(run["latency"]["p50_ms"]))[len(runs) // 2]
-                results[name] = {"open_loop": median, "open_loop_rounds": runs}
-            bench.check_routing(turnout)
-            for target, port in paths:
-                results[target.name]["max_h2load"] = bench.closed_loop_h2load(target, port)
-            for target, port in paths:
-                results[target.name]["max_python"] = bench.closed_loop_python(target, port)
-            bench.check_routing(turnout)  # still routing correctly after the load
-            results["turnout"]["worker_pids"] = turnout.workers
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the cleanup finish; every wait in it is bounded
-        try:
-            procs.stop_all()
-            if args.keep_tmp:
-                log("kept " + str(tmp))
-            else:
-                shutil.rmtree(tmp, ignore_errors=True)
-        finally:
-            signal.signal(signal.SIGINT, old_sigint)
+    with stopping(procs, tmp, args.keep_tmp, log):
+        bench = GrpcBench(args, tools, tmp, procs)
+        bench.start_server()
+        turnout = bench.start_turnout()
+        direct = Target("direct", bench.sandbox_port)
+        paths = ((direct, bench.sandbox_port), (turnout, turnout.port))
+        open_rounds = interleaved([target.name for target, _ in paths], args.rounds,
+                                  lambda i: bench.open_loop(*paths[i]), log)
+        for name, runs in open_rounds.items():
+            median = sorted(runs, key=lambda run: float(run["latency"]["p50_ms"]))[len(runs) // 2]
+            results[name] = {"open_loop": median, "open_loop_rounds": runs}
+        bench.check_routing(turnout)
+        for target, port in paths:
+            results[target.name]["max_h2load"] = bench.closed_loop_h2load(target, port)
+        for target, port in paths:
+            results[target.name]["max_python"] = bench.closed_loop_python(target, port)
+        bench.check_routing(turnout)  # still routing correctly after the load
+        results["turnout"]["worker_pids"] = turnout.workers
     meta["load_after"] = machine_load()
     summary = summarize(results)
     print(report(results, summary, meta))
@@ -476,14 +459,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: 0 when the target passes, 1 when it is missed, 2 on a setup error."""
     args = parse_args(argv)
-    try:
-        return run(args)
-    except BenchError as exc:
-        log("error: " + str(exc))
-        return 2
-    except KeyboardInterrupt:
-        log("interrupted; everything started was stopped")
-        return 130
+    return bench_main(lambda: run(args), log)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1040,6 +1040,53 @@ def terminate_on_sigterm() -> Iterator[None]:
             signal.signal(s, h)
 
 
+@contextlib.contextmanager
+def stopping(procs: Processes, tmp: Path, keep_tmp: bool, say: Callable[[str], None] = log) -> Iterator[None]:
+    """Run the body under ``terminate_on_sigterm``; then, whatever happened, stop every child
+    and remove ``tmp`` (unless ``keep_tmp``), with Ctrl-C ignored meanwhile: every wait in
+    the cleanup is bounded."""
+    old_sigint = signal.getsignal(signal.SIGINT)
+    try:
+        with terminate_on_sigterm():
+            yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            procs.stop_all()
+            if keep_tmp:
+                say("kept " + str(tmp))
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            signal.signal(signal.SIGINT, old_sigint)
+
+
+def interleaved(names: Sequence[str], rounds: int, measure: Callable[[int], dict[str, Any]],
+                say: Callable[[str], None] = log) -> dict[str, list[dict[str, Any]]]:
+    """``rounds`` runs of ``measure(i)`` for each of ``names`` (by index), interleaved so that a
+    change in the machine's load hits all of them alike; the runs per name."""
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for i in range(rounds):
+        if rounds > 1:
+            say(f"round {i + 1} of {rounds}")
+        for index, name in enumerate(names):
+            runs[name].append(measure(index))
+    return runs
+
+
+def bench_main(run: Callable[[], int], say: Callable[[str], None] = log) -> int:
+    """A benchmark's exit status: ``run()``'s (0 targets met, 1 one missed), 2 on a setup
+    error, 130 when interrupted."""
+    try:
+        return run()
+    except BenchError as exc:
+        say("error: " + str(exc))
+        return 2
+    except KeyboardInterrupt:
+        say("interrupted; everything started was stopped")
+        return 130
+
+
 def run(args: argparse.Namespace) -> int:
     """The whole benchmark; returns the exit status."""
     if (os.cpu_count() or 1) < 2 or not {LOADGEN_CPU, PROXY_CPU} <= os.sched_getaffinity(0):
@@ -1058,34 +1105,17 @@ def run(args: argparse.Namespace) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="turnout-bench-http1-"))
     results: dict[str, dict[str, Any]] = {}
     profile: dict[str, Any] | None = None
-    old_sigint = signal.getsignal(signal.SIGINT)
-    try:
-        with terminate_on_sigterm():
-            bench = Bench(args, tools, tmp, procs)
-            bench.start_upstream()
-            # Every proxy runs for the whole benchmark (idle ones cost nothing), so rounds can
-            # interleave them: a change in the machine's load then hits all of them alike.
-            targets = [Target("direct", bench.baseline_port), *(bench.start(name) for name in args.proxy_list)]
-            rounds: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
-            for i in range(args.rounds):
-                if args.rounds > 1:
-                    log(f"round {i + 1} of {args.rounds}")
-                for target in targets:
-                    rounds[target.name].append(bench.measure(target))
-            results = {name: median_round(runs) for name, runs in rounds.items()}
-            turnout = next((t for t in targets if t.name == "turnout"), None)
-            if args.profile and turnout is not None:
-                profile = bench.profile(turnout, HERE / "profile", args.profile_duration)
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the cleanup finish; every wait in it is bounded
-        try:
-            procs.stop_all()
-            if args.keep_tmp:
-                log("kept " + str(tmp))
-            else:
-                shutil.rmtree(tmp, ignore_errors=True)
-        finally:
-            signal.signal(signal.SIGINT, old_sigint)
+    with stopping(procs, tmp, args.keep_tmp):
+        bench = Bench(args, tools, tmp, procs)
+        bench.start_upstream()
+        # Every proxy runs for the whole benchmark (idle ones cost nothing), so rounds can
+        # interleave them: a change in the machine's load then hits all of them alike.
+        targets = [Target("direct", bench.baseline_port), *(bench.start(name) for name in args.proxy_list)]
+        rounds = interleaved([t.name for t in targets], args.rounds, lambda i: bench.measure(targets[i]))
+        results = {name: median_round(runs) for name, runs in rounds.items()}
+        turnout = next((t for t in targets if t.name == "turnout"), None)
+        if args.profile and turnout is not None:
+            profile = bench.profile(turnout, HERE / "profile", args.profile_duration)
     meta["load_after"] = machine_load()
     summary = summarize(results)
     text = report(summary, meta)
@@ -1109,14 +1139,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: 0 when every target passes, 1 when one is missed, 2 on a setup error."""
     args = parse_args(argv)
-    try:
-        return run(args)
-    except BenchError as exc:
-        log("error: " + str(exc))
-        return 2
-    except KeyboardInterrupt:
-        log("interrupted; everything started was stopped")
-        return 130
+    return bench_main(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -93,6 +93,7 @@ from bench.http1.run import (
     _ratio,
     _search_float,
     _tail,
+    bench_main,
     body_for,
     cpu_busy,
     cpu_ticks,
@@ -101,12 +102,13 @@ from bench.http1.run import (
     ensure_tools,
     free_port,
     http_get,
+    interleaved,
     machine_load,
     median_round,
     own_time_table,
     render,
     rss_kb,
-    terminate_on_sigterm,
+    stopping,
     tool_versions,
     turnout_binary,
     wait_http,
@@ -712,38 +714,20 @@ def run(args: argparse.Namespace) -> int:
     results: dict[str, dict[str, Any]] = {}
     profile: dict[str, Any] | None = None
     bench = H2Bench(args, tools, tmp, procs)
-    old_sigint = signal.getsignal(signal.SIGINT)
-    try:
-        with terminate_on_sigterm():
-            bench.start_upstream()
-            targets = [Target("direct", bench.baseline_h2_port)]
-            # Every proxy is started before any is measured (an idle one costs nothing), so a
-            # proxy that cannot start fails the run before minutes of measuring.
-            for name in args.proxy_list:
-                target = bench.start(name)
-                if target is not None:
-                    targets.append(target)
-            # Rounds interleave the targets, so a change in the machine's load hits all of them alike.
-            rounds: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
-            for i in range(args.rounds):
-                if args.rounds > 1:
-                    log(f"round {i + 1} of {args.rounds}")
-                for target in targets:
-                    rounds[target.name].append(bench.measure(target))
-            results = {name: median_round(runs) for name, runs in rounds.items()}
-            turnout = next((t for t in targets if t.name == "turnout"), None)
-            if args.profile and turnout is not None:
-                profile = bench.profile(turnout, HERE / "profile", args.profile_duration)
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the cleanup finish; every wait in it is bounded
-        try:
-            procs.stop_all()
-            if args.keep_tmp:
-                log("kept " + str(tmp))
-            else:
-                shutil.rmtree(tmp, ignore_errors=True)
-        finally:
-            signal.signal(signal.SIGINT, old_sigint)
+    with stopping(procs, tmp, args.keep_tmp, log):
+        bench.start_upstream()
+        targets = [Target("direct", bench.baseline_h2_port)]
+        # Every proxy is started before any is measured (an idle one costs nothing), so a
+        # proxy that cannot start fails the run before minutes of measuring.
+        for name in args.proxy_list:
+            target = bench.start(name)
+            if target is not None:
+                targets.append(target)
+        rounds = interleaved([t.name for t in targets], args.rounds, lambda i: bench.measure(targets[i]), log)
+        results = {name: median_round(runs) for name, runs in rounds.items()}
+        turnout = next((t for t in targets if t.name == "turnout"), None)
+        if args.profile and turnout is not None:
+            profile = bench.profile(turnout, HERE / "profile", args.profile_duration)
     meta["load_after"] = machine_load()
     summary = summarize(results)
     print(report(summary, meta, bench.skipped))
@@ -758,14 +742,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: 0 when the target passes, 1 when it is missed, 2 on a setup error."""
     args = parse_args(argv)
-    try:
-        return run(args)
-    except BenchError as exc:
-        log("error: " + str(exc))
-        return 2
-    except KeyboardInterrupt:
-        log("interrupted; everything started was stopped")
-        return 130
+    return bench_main(lambda: run(args), log)
 
 
 if __name__ == "__main__":
