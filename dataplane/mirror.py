@@ -12,6 +12,7 @@ a multiplexed HTTP/2 upstream connection, with their trailers, unless the route 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from h2.exceptions import ProtocolError
@@ -72,24 +73,38 @@ class MirrorCopy:
         self.parts = []
 
 
-class _Discard(UpstreamUser):
-    """Reads the sandbox's answer to a copy and throws it away."""
+class _Slot:
+    """One of ``mirror_max_in_flight`` slots, held by a copy until its answer ends or its time
+    is up: never longer than a real request may wait for its answer."""
 
-    def __init__(self, manager: MirrorManager, conn: UpstreamConnection) -> None:
+    __slots__ = ("manager", "finished", "timer")
+
+    def __init__(self, manager: MirrorManager, timed_out: Callable[[], None]) -> None:
         self.manager = manager
-        self.conn = conn
         self.finished = False
         state = manager.state
-        # A copy holds one of mirror_max_in_flight slots: never longer than a real request may wait.
-        self.timer = state.loop.call_later(state.limits.upstream_response_timeout_s, self.timed_out)
+        self.timer = state.loop.call_later(state.limits.upstream_response_timeout_s, timed_out)
 
-    def _finish(self) -> bool:
+    def release(self) -> bool:
+        """Give the slot back; False when it was already."""
         if self.finished:
             return False
         self.finished = True
         self.timer.cancel()
         self.manager.done()
         return True
+
+
+class _Discard(UpstreamUser):
+    """Reads the sandbox's answer to a copy and throws it away."""
+
+    def __init__(self, manager: MirrorManager, conn: UpstreamConnection) -> None:
+        self.manager = manager
+        self.conn = conn
+        self.slot = _Slot(manager, self.timed_out)
+
+    def _finish(self) -> bool:
+        return self.slot.release()
 
     def on_response_head(self, plan: ResponsePlan) -> None:
         self.manager.state.metrics.mirror_sent(plan.status)
@@ -115,17 +130,10 @@ class _DiscardH2:
         self.manager = manager
         self.conn = conn
         self.stream_id = 0
-        self.finished = False
-        state = manager.state
-        self.timer = state.loop.call_later(state.limits.upstream_response_timeout_s, self.timed_out)
+        self.slot = _Slot(manager, self.timed_out)
 
     def _finish(self) -> bool:
-        if self.finished:
-            return False
-        self.finished = True
-        self.timer.cancel()
-        self.manager.done()
-        return True
+        return self.slot.release()
 
     def on_up_headers(self, headers: Headers, end: bool) -> None:
         for name, value in headers:
