@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     from dataplane.worker import WorkerState
 
 _NO_TRAILERS: list[tuple[bytes, bytes]] = []  # never changed: passed to users only to read
+# Framing is DATA frames; Expect: 100-continue is answered by the carrier itself.
+_NOT_SENT = frozenset({b"transfer-encoding", b"expect"})
 _PHRASES = {s.value: s.phrase.encode() for s in HTTPStatus}  # HTTP/2 has no reason phrase: the standard one
 
 
@@ -83,7 +85,7 @@ class H2Carrier(UpstreamConnection):
             name, _, value = line.partition(b": ")
             if name == b"host":
                 headers[2] = (b":authority", value)
-            elif name != b"transfer-encoding":
+            elif name not in _NOT_SENT:
                 headers.append((name, value))
         reserved = self.reserved
         self.reserved = False
@@ -95,6 +97,11 @@ class H2Carrier(UpstreamConnection):
             # Reported from the loop, not from inside the exchange's own begin.
             self.ended = True
             self.pool.state.loop.call_soon(self.on_up_reset, ErrorCodes.REFUSED_STREAM, True)
+            return
+        if body != BODY_NONE:
+            # HTTP/2 takes the body under flow control: a client waiting for 100 Continue
+            # (Expect is not forwarded) may send it now, as Envoy answers it by default.
+            user.on_informational(100)
 
     def send_body(self, data: bytes) -> None:
         """Request body bytes: a DATA frame once the upstream's window allows."""

@@ -121,6 +121,22 @@ def test_curl_post_with_length_and_chunked_body_with_trailers(stack: Stack) -> N
     assert seen.trailers == [(b"x-digest", b"d1")] and seen.header(b"transfer-encoding") is None
 
 
+def test_expect_100_continue_is_answered_at_once(stack: Stack) -> None:
+    with socket.create_connection(("127.0.0.1", stack.proxy.port), timeout=5) as sock:
+        sock.sendall(b"POST /expect HTTP/1.1\r\nhost: users\r\ncontent-length: 5\r\nexpect: 100-continue\r\n"
+                     b"connection: close\r\n\r\n")
+        sock.settimeout(0.5)  # curl would give up waiting after 1 s and send anyway
+        assert sock.recv(1024) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(b"hello")
+        sock.settimeout(5)
+        rest = b""
+        while chunk := sock.recv(65536):
+            rest += chunk
+    assert rest.startswith(b"HTTP/1.1 200") and b'"body_bytes": 5' in rest
+    seen = stack.baseline.requests[-1]
+    assert seen.body == b"hello" and seen.header(b"expect") is None
+
+
 def test_http2_trailers_reach_the_http1_client_in_the_last_chunk(stack: Stack) -> None:
     raw = raw_exchange(stack.proxy.port, b"GET /grpc HTTP/1.1\r\nhost: users\r\nconnection: close\r\n\r\n")
     head, _, body = raw.partition(b"\r\n\r\n")
