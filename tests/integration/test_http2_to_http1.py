@@ -312,6 +312,31 @@ def test_sandbox_down_with_fallback_error_names_the_session(stack: Stack, client
     assert b"session=hard-1" in headers[b"x-turnout-error"] and b"connect" in body
 
 
+def test_a_content_length_lie_is_never_downgraded_into_a_second_http1_request(stack: Stack, client: H2Client) -> None:
+    # HARDENING: CL != DATA total is a stream error, never an HTTP/1.1 request smuggled upstream.
+    smuggled = b"hello" + b"GET /smuggled HTTP/1.1\r\nhost: users\r\n\r\n"
+    conn = client.conn
+    stream = conn.get_next_available_stream_id()
+    conn.send_headers(stream, [(":method", "POST"), (":scheme", "http"), (":authority", "users"),
+                               (":path", "/lie"), ("content-length", "5")])
+    conn.send_data(stream, smuggled, end_stream=True)
+    client.send()
+    client.pump(lambda: client.ended(stream))
+    assert client.reset_code(stream) == 1  # PROTOCOL_ERROR
+    short = conn.get_next_available_stream_id()  # and fewer bytes than declared
+    conn.send_headers(short, [(":method", "POST"), (":scheme", "http"), (":authority", "users"),
+                              (":path", "/short"), ("content-length", "50")])
+    conn.send_data(short, b"only-ten!!", end_stream=True)
+    client.send()
+    client.pump(lambda: client.ended(short))
+    assert client.reset_code(short) == 1
+    after, _ = client.response(client.request("/after-lies"))  # the connection carries on
+    assert after[b":status"] == b"200"
+    targets = [r.target for r in stack.baseline.requests]
+    assert "/smuggled" not in targets and "/lie" not in targets and "/short" not in targets
+    assert not any(b"/smuggled" in raw for raw in stack.baseline.raw)
+
+
 def test_upstream_closing_mid_response_resets_the_client_stream(tmp_path: Path) -> None:
     def cut(req: Received) -> bytes:
         return b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\nonly-part"
