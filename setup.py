@@ -11,14 +11,15 @@ import os
 
 from setuptools import setup
 
-# The per-request path of the HTTP/1.1 proxy and the routing decision, and the HTTP/1.1 ↔
-# HTTP/2 translation that subclasses its classes (an interpreted module cannot subclass a
-# compiled class: tests/unit/test_compiled_boundaries.py checks that none does).
+# The per-request path of the HTTP/1.1 proxy and the routing decision, turnout's HPACK, and
+# the HTTP/1.1 ↔ HTTP/2 translation that subclasses the HTTP/1.1 classes (an interpreted
+# module cannot subclass a compiled class: tests/unit/test_compiled_boundaries.py checks it).
 HOT_MODULES = [
     "dataplane/http1/scan.py", "dataplane/http1/semantics.py", "dataplane/http1/framing.py",
     "dataplane/http1/codec.py", "dataplane/proxy.py", "dataplane/upstream.py", "dataplane/mirror.py",
     "dataplane/metrics.py", "dataplane/deadline.py", "dataplane/http2/carrier.py", "dataplane/http2/bridge.py",
-    "filters/baggage.py", "filters/keys.py", "filters/head.py", "filters/matchers.py", "filters/snapshot.py",
+    "dataplane/http2/hpack.py", "filters/baggage.py", "filters/keys.py", "filters/head.py", "filters/matchers.py",
+    "filters/snapshot.py",
 ]
 
 if os.environ.get("TURNOUT_MYPYC") == "1":

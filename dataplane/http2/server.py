@@ -42,6 +42,7 @@ from dataplane.deadline import Deadline
 from dataplane.errors import HttpError
 from dataplane.http2.bridge import H1Bridge
 from dataplane.http2.grpc import GRPC_DEADLINE_EXCEEDED, GRPC_UNAVAILABLE, parse_grpc_timeout, trailers_only
+from dataplane.http2.hpack import Decoder, Encoder
 from dataplane.http2.link import Acknowledger, H2Link, Headers
 from dataplane.http2.upstream import H2Upstream, H2UpstreamUser
 from filters import Address, Decision, RequestHead
@@ -93,6 +94,12 @@ class _ServerH2(_H2):
     allows REFUSED_STREAM instead, which only costs the excess: ``H2Connection`` counts
     streams itself and refuses them.
     """
+
+    def __init__(self, config: H2Configuration) -> None:
+        super().__init__(config)
+        # turnout's HPACK (dataplane/http2/hpack.py): the same interface, compiled, no Huffman out.
+        self.encoder = Encoder()  # type: ignore[assignment]
+        self.decoder = Decoder()  # type: ignore[assignment]
 
     @property
     def open_inbound_streams(self) -> int:

@@ -27,6 +27,7 @@ from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
 
 from dataplane.errors import HttpError
+from dataplane.http2.hpack import Decoder, Encoder
 from dataplane.http2.link import H2Link, Headers
 from filters import Address
 
@@ -59,6 +60,12 @@ class _ClientH2(_H2):
     opened, to enforce the peer's ``max_concurrent_streams``; ``H2Upstream.has_capacity``
     enforces it already from its own count. Closed streams are dropped by ``stream_done``.
     """
+
+    def __init__(self, config: H2Configuration) -> None:
+        super().__init__(config)
+        # turnout's HPACK (dataplane/http2/hpack.py): the same interface, compiled, no Huffman out.
+        self.encoder = Encoder()  # type: ignore[assignment]
+        self.decoder = Decoder()  # type: ignore[assignment]
 
     @property
     def open_outbound_streams(self) -> int:
