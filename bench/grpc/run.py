@@ -74,6 +74,7 @@ from bench.http1.run import (
     _fmt,
     _percentile,
     _tail,
+    add_output_options,
     bench_main,
     ensure_tools,
     free_port,
@@ -399,9 +400,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-duration", type=float, default=None,
                    help="seconds of each max-rate run (default 10; quick 5)")
     p.add_argument("--quick", action="store_true", help="8 s at the fixed rate, 5 s per max-rate run")
-    p.add_argument("--output", type=Path, default=HERE / "results.json", help="results JSON (default %(default)s)")
-    p.add_argument("--no-install", action="store_true", help="fail instead of apt-get installing missing tools")
-    p.add_argument("--keep-tmp", action="store_true", help="keep the temporary config/log directory")
+    add_output_options(p, HERE / "results.json")
     args = p.parse_args(argv)
     args.duration = args.duration or (8.0 if args.quick else 20.0)
     args.max_duration = args.max_duration or (5.0 if args.quick else 10.0)

@@ -981,6 +981,13 @@ def report(summary: dict[str, Any], meta: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- main
 
 
+def add_output_options(p: argparse.ArgumentParser, output: Path) -> None:
+    """--output, --no-install and --keep-tmp, which every load benchmark here takes."""
+    p.add_argument("--output", type=Path, default=output, help="results JSON (default %(default)s)")
+    p.add_argument("--no-install", action="store_true", help="fail instead of apt-get installing missing tools")
+    p.add_argument("--keep-tmp", action="store_true", help="keep the temporary config/log directory")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(
@@ -1007,9 +1014,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile-native", action="store_true",
                    help="py-spy --native: C frames too (syscalls shown apart from Python code)")
     p.add_argument("--profile-duration", type=float, default=10.0, help="seconds of py-spy sampling (default 10)")
-    p.add_argument("--output", type=Path, default=HERE / "results.json", help="results JSON (default %(default)s)")
-    p.add_argument("--no-install", action="store_true", help="fail instead of apt-get installing missing tools")
-    p.add_argument("--keep-tmp", action="store_true", help="keep the temporary config/log directory")
+    add_output_options(p, HERE / "results.json")
     args = p.parse_args(argv)
     if args.quick:
         args.duration = 3.0 if args.duration == 10.0 else args.duration

@@ -93,6 +93,7 @@ from bench.http1.run import (
     _ratio,
     _search_float,
     _tail,
+    add_output_options,
     bench_main,
     body_for,
     cpu_busy,
@@ -672,9 +673,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true",
                    help="after measuring turnout, py-spy its worker under h2load load into bench/http2/profile/")
     p.add_argument("--profile-duration", type=float, default=10.0, help="seconds of py-spy sampling (default 10)")
-    p.add_argument("--output", type=Path, default=HERE / "results.json", help="results JSON (default %(default)s)")
-    p.add_argument("--no-install", action="store_true", help="fail instead of apt-get installing missing tools")
-    p.add_argument("--keep-tmp", action="store_true", help="keep the temporary config/log directory")
+    add_output_options(p, HERE / "results.json")
     args = p.parse_args(argv)
     if args.quick:
         args.duration = 3.0 if args.duration == 10.0 else args.duration
