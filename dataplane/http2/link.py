@@ -61,6 +61,7 @@ class H2Link(asyncio.Protocol):
         self._flush_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._finished_streams = 0  # since closed streams were last dropped from h2's table
+        self.linger_s = 0.0  # > 0: close_with half-closes and discards input this long (client side)
 
     # ------------------------------------------------------------------ transport
 
@@ -132,8 +133,19 @@ class H2Link(asyncio.Protocol):
         except ProtocolError:
             pass
         self.closed = True
-        if self.transport is not None:
-            self.transport.close()
+        transport = self.transport
+        if transport is None:
+            return
+        if self.linger_s > 0 and self._loop is not None and not transport.is_closing() and transport.can_write_eof():
+            # Lingering close (as for HTTP/1.1 error replies): FIN after the GOAWAY, then read
+            # and drop what the client still sends (WINDOW_UPDATEs, SETTINGS ACKs) for a
+            # while. Closing with unread input would make the kernel send RST, and a client
+            # that gets RST may lose the GOAWAY and the tail of its last responses.
+            transport.write_eof()
+            transport.resume_reading()
+            self._loop.call_later(self.linger_s, transport.close)
+        else:
+            transport.close()
 
     # ------------------------------------------------------------------ flow control
 

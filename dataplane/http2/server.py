@@ -156,6 +156,7 @@ class H2Connection(H2Link):
         state = self.state
         limits = state.limits
         tr = self.setup_transport(transport, limits.write_high_watermark_bytes, limits.write_low_watermark_bytes)
+        self.linger_s = limits.lingering_timeout_s
         peer = tr.get_extra_info("peername")
         self.peer = peer[0].encode("latin-1") if isinstance(peer, tuple) else b"unix"
         h2 = self.h2 = _ServerH2(H2Configuration(

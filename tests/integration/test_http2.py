@@ -567,6 +567,7 @@ def test_drain_sends_goaway_twice_and_finishes_streams(tmp_path: Path) -> None:
         goaways: list[int] = []
         ended = False
         signalled = False
+        unacked = 0  # DATA bytes read but not yet given back as window
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and not (ended and len(goaways) >= 2):
             try:
@@ -579,14 +580,11 @@ def test_drain_sends_goaway_twice_and_finishes_streams(tmp_path: Path) -> None:
             for kind, flags, sid, payload in _raw_frames(c.sock, buf):
                 if kind == 0x0 and sid == stream:  # DATA: read slowly, one window at a time
                     body += len(payload)
+                    unacked += len(payload)
                     ended = ended or bool(flags & 0x1)
-                    if payload:
-                        update = WindowUpdateFrame(0)
-                        update.window_increment = len(payload)
-                        again = WindowUpdateFrame(stream)
-                        again.window_increment = len(payload)
-                        c.sock.sendall(update.serialize() + again.serialize())
                     if not signalled:
+                        # Drain while the response is surely in flight: no more window
+                        # until the first GOAWAY has arrived.
                         signalled = True
                         proxy.process.send_signal(signal.SIGTERM)
                 elif kind == 0x7:  # GOAWAY
@@ -595,6 +593,13 @@ def test_drain_sends_goaway_twice_and_finishes_streams(tmp_path: Path) -> None:
                     c.sock.sendall(SettingsFrame(0, flags=["ACK"]).serialize())
                 elif kind == 0x6 and not flags & 0x1:  # PING: answer
                     c.sock.sendall(PingFrame(0, opaque_data=payload, flags=["ACK"]).serialize())
+            if unacked and goaways and not ended:
+                update = WindowUpdateFrame(0)
+                update.window_increment = unacked
+                again = WindowUpdateFrame(stream)
+                again.window_increment = unacked
+                c.sock.sendall(update.serialize() + again.serialize())
+                unacked = 0
         assert body == 3_000_000 and ended
         assert goaways[:2] == [2**31 - 1, stream]
         assert proxy.process.wait(15) == 0
