@@ -405,6 +405,32 @@ class Target:
         return [] if self.process is None else proc_group(self.process.pid)
 
 
+def h2load_log_summary(log_file: Path, what: str, output: str) -> dict[str, Any]:
+    """Requests, achieved rate, statuses and latency percentiles from an ``h2load --log-file``
+    (one ``start_us  status  latency_us`` line per request); ``BenchError`` when it is empty."""
+    latencies_us: list[int] = []
+    starts_us: list[int] = []
+    statuses: dict[str, int] = {}
+    with contextlib.suppress(OSError), open(log_file) as f:
+        for line in f:
+            parts = line.split("\t")
+            if len(parts) >= 3:
+                statuses[parts[1]] = statuses.get(parts[1], 0) + 1
+                starts_us.append(int(parts[0]))
+                latencies_us.append(int(parts[2]))
+    if not latencies_us:
+        raise BenchError(f"{what}: no requests logged\n{output}")
+    latencies_us.sort()
+    done = len(latencies_us)
+    span_s = (max(starts_us) - min(starts_us)) / 1e6  # first to last request sent
+    return {
+        "requests": done, "achieved_rps": (done - 1) / span_s if span_s > 0 else None, "statuses": statuses,
+        "p50_ms": _percentile(latencies_us, 50) / 1000, "p90_ms": _percentile(latencies_us, 90) / 1000,
+        "p99_ms": _percentile(latencies_us, 99) / 1000, "max_ms": latencies_us[-1] / 1000,
+        "mean_ms": statistics.fmean(latencies_us) / 1000,
+    }
+
+
 class Bench:
     """One benchmark run: the upstream, then each target in turn."""
 
@@ -596,29 +622,12 @@ class Bench:
         text = _tail(out_path, 10000)
         if process.returncode != 0:
             raise BenchError(f"h2load against {target.name} failed ({process.returncode}):\n{text}")
-        latencies_us: list[int] = []
-        starts_us: list[int] = []
-        statuses: dict[str, int] = {}
-        with contextlib.suppress(OSError), open(log_file) as f:
-            for line in f:
-                parts = line.split("\t")
-                if len(parts) >= 3:
-                    statuses[parts[1]] = statuses.get(parts[1], 0) + 1
-                    starts_us.append(int(parts[0]))
-                    latencies_us.append(int(parts[2]))
-        if not latencies_us:
-            raise BenchError(f"h2load against {target.name}: no requests logged\n{text}")
-        latencies_us.sort()
-        done = len(latencies_us)
-        span_s = (max(starts_us) - min(starts_us)) / 1e6  # first to last request sent
+        summary = h2load_log_summary(log_file, f"h2load against {target.name}", text)
+        done = summary["requests"]
         cpu_s = (sum(ticks1) - sum(ticks0)) / CLK_TCK
         busy = cpu_busy(stat0, stat1)
         return {
-            "rate_target": self.args.rate, "clients": clients, "requests": done,
-            "achieved_rps": (done - 1) / span_s if span_s > 0 else None,
-            "statuses": statuses, "p50_ms": _percentile(latencies_us, 50) / 1000,
-            "p90_ms": _percentile(latencies_us, 90) / 1000, "p99_ms": _percentile(latencies_us, 99) / 1000,
-            "max_ms": latencies_us[-1] / 1000, "mean_ms": statistics.fmean(latencies_us) / 1000,
+            "rate_target": self.args.rate, "clients": clients, **summary,
             "proxy_cpu_s": cpu_s if group else None,
             "proxy_sys_share": _sys_share(ticks0, ticks1) if group else None,
             "cores_per_1k_rps": cpu_s / done * 1000 if group else None,

@@ -62,13 +62,11 @@ worker), 1 when it is missed, 2 on a setup error, 130 when interrupted.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -89,7 +87,6 @@ from bench.http1.run import (
     Processes,
     Target,
     _fmt,
-    _percentile,
     _ratio,
     _search_float,
     _tail,
@@ -102,6 +99,7 @@ from bench.http1.run import (
     ensure_py_spy,
     ensure_tools,
     free_port,
+    h2load_log_summary,
     http_get,
     interleaved,
     machine_load,
@@ -342,29 +340,11 @@ class H2Bench:
         argv.append(f"http://127.0.0.1:{port or target.port}/bench")
         run = self.h2load(target, argv, duration_s, f"fixed rate -c{clients}")
         text = run.pop("text")
-        latencies_us: list[int] = []
-        starts_us: list[int] = []
-        statuses: dict[str, int] = {}
-        with contextlib.suppress(OSError), open(log_file) as f:
-            for line in f:
-                parts = line.split("\t")
-                if len(parts) >= 3:
-                    statuses[parts[1]] = statuses.get(parts[1], 0) + 1
-                    starts_us.append(int(parts[0]))
-                    latencies_us.append(int(parts[2]))
-        if not latencies_us:
-            raise BenchError(f"h2load against {target.name}: no requests logged\n{text}")
-        latencies_us.sort()
-        done = len(latencies_us)
-        span_s = (max(starts_us) - min(starts_us)) / 1e6  # first to last request sent
+        summary = h2load_log_summary(log_file, f"h2load against {target.name}", text)
         cpu_s = run["proxy_cpu_s"]
         return {
-            "rate_target": self.args.rate, "clients": clients, "requests": done,
-            "achieved_rps": (done - 1) / span_s if span_s > 0 else None, "statuses": statuses,
-            "p50_ms": _percentile(latencies_us, 50) / 1000, "p90_ms": _percentile(latencies_us, 90) / 1000,
-            "p99_ms": _percentile(latencies_us, 99) / 1000, "max_ms": latencies_us[-1] / 1000,
-            "mean_ms": statistics.fmean(latencies_us) / 1000,
-            "cores_per_1k_rps": cpu_s / done * 1000 if cpu_s is not None else None, **run,
+            "rate_target": self.args.rate, "clients": clients, **summary,
+            "cores_per_1k_rps": cpu_s / summary["requests"] * 1000 if cpu_s is not None else None, **run,
         }
 
     def measure(self, target: Target) -> dict[str, Any]:
