@@ -38,6 +38,7 @@ from dataplane.http1.semantics import (
 from dataplane.http2.carrier import H2Carrier
 from dataplane.upstream import UpstreamConnection, UpstreamUser
 from filters import Address, Decision, RequestHead
+from filters.head import joined_fields
 
 if TYPE_CHECKING:
     from dataplane.config import Listener
@@ -264,7 +265,7 @@ class Downstream(asyncio.Protocol):
             by_name = dict(plan.headers)
             fields = by_name if len(by_name) == len(plan.headers) else None  # None: a name repeats
         head = RequestHead(plan.method.decode("latin-1"), plan.target.decode("latin-1"),
-                           _joined(plan.headers, fields))
+                           joined_fields(plan.headers, fields))
         snapshot = state.snapshot  # a request keeps the snapshot it started with
         decision = snapshot.decide(service, head, state.wall_time())
         exchange = Exchange(self, plan, service, decision, baseline, head, fields)
@@ -404,24 +405,6 @@ class Downstream(asyncio.Protocol):
         """Graceful shutdown: close now if idle, else after the current response."""
         if self._idle and not self._buf and self.exchange is None:
             self.close()
-
-
-def _joined(headers: list[tuple[bytes, bytes]], fields: dict[bytes, bytes] | None) -> dict[str, str]:
-    """The routing view of the fields: ``str`` names and values, repeated names joined."""
-    if fields:
-        # Names and values never contain LF (scan.check_head): decode each side in one go.
-        names = b"\n".join(fields).decode("latin-1").split("\n")
-        return dict(zip(names, b"\n".join(fields.values()).decode("latin-1").split("\n"), strict=True))
-    out: dict[str, str] = {}
-    for raw_name, raw_value in headers:
-        name = raw_name.decode("latin-1")
-        value = raw_value.decode("latin-1")
-        prev = out.get(name)
-        if prev is None:
-            out[name] = value
-        else:
-            out[name] = prev + ("; " if name == "cookie" else ", ") + value
-    return out
 
 
 _NO_TRAILERS: list[tuple[bytes, bytes]] = []  # never changed: passed on only to be read

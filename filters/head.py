@@ -78,3 +78,23 @@ class RequestHead:
             header = self.headers.get("baggage")
             self._baggage = baggage_values(header, max_members, max_bytes) if header else {}
         return self._baggage
+
+
+def joined_fields(headers: list[tuple[bytes, bytes]], fields: dict[bytes, bytes] | None = None) -> dict[str, str]:
+    """``RequestHead.headers`` from the fields as received (lower-case byte names, in order):
+    latin-1 ``str`` names and values, repeated names joined as ``from_pairs`` joins them.
+    ``fields``: the same fields by name, when no name repeats (then decoded in one go)."""
+    if fields:
+        # Names and values never contain LF (HTTP/1.1's scan.check_head, HTTP/2's field checks).
+        names = b"\n".join(fields).decode("latin-1").split("\n")
+        return dict(zip(names, b"\n".join(fields.values()).decode("latin-1").split("\n"), strict=True))
+    out: dict[str, str] = {}
+    for raw_name, raw_value in headers:
+        name = raw_name.decode("latin-1")
+        value = raw_value.decode("latin-1")
+        prev = out.get(name)
+        if prev is None:
+            out[name] = value
+        else:
+            out[name] = prev + ("; " if name == "cookie" else ", ") + value
+    return out

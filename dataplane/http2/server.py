@@ -46,6 +46,7 @@ from dataplane.http2.hpack import Decoder, Encoder
 from dataplane.http2.link import Acknowledger, H2Link, Headers
 from dataplane.http2.upstream import H2Upstream, H2UpstreamUser
 from filters import Address, Decision, RequestHead
+from filters.head import joined_fields
 
 if TYPE_CHECKING:
     import asyncio
@@ -482,14 +483,7 @@ class H2Stream(H2UpstreamUser):
             return
         if authority is None:
             authority = str(baseline).encode("latin-1")
-        fields: dict[str, str] = {}
-        for raw_name, raw_value in pairs:
-            name_str = raw_name.decode("latin-1")
-            prev = fields.get(name_str)
-            value_str = raw_value.decode("latin-1")
-            if prev is not None:
-                value_str = prev + ("; " if raw_name == b"cookie" else ", ") + value_str
-            fields[name_str] = value_str
+        fields = joined_fields(pairs)
         fields["host"] = authority.decode("latin-1")
         head = RequestHead(method.decode("latin-1"), path.decode("latin-1"), fields)
         decision = state.snapshot.decide(service, head, state.wall_time())  # the stream keeps this snapshot's answer
