@@ -70,6 +70,7 @@ class Downstream(asyncio.Protocol):
         self.listener = listener
         # An inbound listener routes every request to the same service: resolved once here.
         self.fixed_target = listener.target("") if listener.mode == "inbound" else None
+        self.baseline_http2 = listener.upstream_protocol == "http2"  # read per request: resolved here once
         self.transport: asyncio.Transport | None = None
         self.peer = b""
         self.phase = _HEAD
@@ -498,10 +499,9 @@ class Exchange(UpstreamUser):
 
     def begin(self) -> None:
         """Send the request to a pooled connection, or start connecting."""
-        protocol = (self.decision.upstream_protocol if self.route_kind == "sandbox"
-                    else self.conn.listener.upstream_protocol)
+        http2 = self.decision.upstream_http2 if self.route_kind == "sandbox" else self.conn.baseline_http2
         conn: UpstreamConnection | None
-        if protocol == "http2" and not self.plan.websocket:  # an upgrade has no HTTP/2 form here
+        if http2 and not self.plan.websocket:  # an upgrade has no HTTP/2 form here
             self._h2 = True
             conn = H2Carrier.acquire(self.state, self.destination)
         else:

@@ -44,7 +44,8 @@ class Decision:
     the listener's applies).
     """
 
-    __slots__ = ("kind", "session_id", "destination", "mode", "fallback", "service", "upstream_protocol")
+    __slots__ = ("kind", "session_id", "destination", "mode", "fallback", "service", "upstream_protocol",
+                 "upstream_http2")
 
     def __init__(self, kind: str, session_id: str | None = None, destination: Address | None = None,
                  mode: str | None = None, fallback: str | None = None, service: str | None = None,
@@ -56,6 +57,7 @@ class Decision:
         self.fallback = fallback
         self.service = service
         self.upstream_protocol = upstream_protocol
+        self.upstream_http2 = upstream_protocol == "http2"  # read per request: decided once per route
 
     def __repr__(self) -> str:
         if self.kind == "baseline":
