@@ -15,11 +15,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from h2.exceptions import ProtocolError
-
 from dataplane.errors import HttpError
 from dataplane.http1.semantics import ResponsePlan
 from dataplane.http2.bridge import http1_block
+from dataplane.http2.engine import ProtocolError
 from dataplane.http2.upstream import H2Upstream
 from dataplane.upstream import UpstreamConnection, UpstreamUser
 from filters import Address, Decision

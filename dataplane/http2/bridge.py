@@ -24,14 +24,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from h2.errors import ErrorCodes
-
 from dataplane.errors import HttpError
 from dataplane.http1.semantics import BODY_CHUNKED, BODY_LENGTH, ResponsePlan
+from dataplane.http2.engine import ErrorCodes
 from dataplane.upstream import UpstreamConnection, UpstreamUser
 
 if TYPE_CHECKING:
-    from dataplane.http2.link import Acknowledger, Headers
+    from dataplane.http2.engine import Headers
+    from dataplane.http2.link import Acknowledger
     from dataplane.http2.server import H2Stream
     from filters import Address
 

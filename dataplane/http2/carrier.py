@@ -23,16 +23,14 @@ from __future__ import annotations
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 
-from h2.errors import ErrorCodes
-from h2.exceptions import ProtocolError
-
 from dataplane.errors import HttpError
 from dataplane.http1.semantics import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, ResponsePlan
+from dataplane.http2.engine import ErrorCodes, ProtocolError
 from dataplane.upstream import Pool, UpstreamConnection, UpstreamUser
 from filters import Address
 
 if TYPE_CHECKING:
-    from dataplane.http2.link import Headers
+    from dataplane.http2.engine import Headers
     from dataplane.http2.upstream import H2Upstream
     from dataplane.worker import WorkerState
 

@@ -5,9 +5,10 @@ Flow control is end to end, per stream: bytes received on one connection are ack
 to their sender on their stream (which opens that stream's window again) only once the other
 connection's transport has taken them. A peer that stops reading therefore stops the peer
 that writes, and the proxy holds at most one stream window per stream in between. The
-connection's own window is opened again as soon as DATA arrives (as Envoy does): the stream
-windows bound what is held, and one stream whose reader is slow (one client that does not
-read, sharing an upstream connection with everyone else) never stalls the other streams.
+connection's own window is opened again as soon as DATA arrives (as Envoy does; the engine
+does it): the stream windows bound what is held, and one stream whose reader is slow (one
+client that does not read, sharing an upstream connection with everyone else) never stalls
+the other streams.
 """
 
 from __future__ import annotations
@@ -17,12 +18,7 @@ import socket
 from collections import deque
 from typing import Protocol, cast
 
-from h2.connection import H2Connection as _H2
-from h2.errors import ErrorCodes
-from h2.exceptions import NoSuchStreamError, ProtocolError, StreamClosedError
-from hyperframe.frame import GoAwayFrame, WindowUpdateFrame
-
-Headers = list[tuple[bytes, bytes]]
+from dataplane.http2.engine import ErrorCodes, H2Engine, Headers, ProtocolError
 
 
 class Acknowledger(Protocol):
@@ -45,7 +41,7 @@ class _Outbound:
 
 
 class H2Link(asyncio.Protocol):
-    """An h2 connection on an asyncio transport, with per-stream outbound queues."""
+    """An HTTP/2 engine on an asyncio transport, with per-stream outbound queues."""
 
     # A client that does not read gets nothing more processed while our buffer is full:
     # its PINGs and SETTINGS would otherwise queue acknowledgements without bound. Not for
@@ -53,14 +49,13 @@ class H2Link(asyncio.Protocol):
     pause_reading_when_blocked = False
 
     def __init__(self) -> None:
-        self.h2: _H2 = cast(_H2, None)  # set by the subclass before any I/O
+        self.h2: H2Engine = cast(H2Engine, None)  # set by the subclass before any I/O
         self.transport: asyncio.Transport | None = None
         self.write_paused = False
         self.closed = False
         self._queues: dict[int, _Outbound] = {}
         self._flush_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._finished_streams = 0  # since closed streams were last dropped from h2's table
         self.linger_s = 0.0  # > 0: close_with half-closes and discards input this long (client side)
 
     # ------------------------------------------------------------------ transport
@@ -76,7 +71,7 @@ class H2Link(asyncio.Protocol):
         return tr
 
     def flush(self) -> None:
-        """Write what h2 has produced at the end of this loop iteration: every frame made
+        """Write what the engine has produced at the end of this loop iteration: every frame made
         meanwhile, for every stream, leaves in one write (one system call, one wake-up of
         the peer) instead of one each."""
         if not self._flush_scheduled and self._loop is not None:
@@ -84,20 +79,11 @@ class H2Link(asyncio.Protocol):
             self._loop.call_soon(self.flush_now)
 
     def flush_now(self) -> None:
-        """Write whatever h2 has produced, now (before a close, or before raw frames)."""
+        """Write whatever the engine has produced, now (before a close, or before raw frames)."""
         self._flush_scheduled = False
         data = self.h2.data_to_send()
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
-
-    def stream_done(self) -> None:
-        """One of our streams is over. h2 drops closed streams from its table only when it
-        counts open ones (O(streams), which turnout does not ask it to do per stream): do
-        it once every so many streams, so a long-lived connection's table stays small."""
-        self._finished_streams += 1
-        if self._finished_streams >= 128:
-            self._finished_streams = 0
-            self.h2._open_streams(0)  # counts, and deletes every closed stream on the way
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -111,27 +97,17 @@ class H2Link(asyncio.Protocol):
         self.pump_all()
 
     def send_goaway(self, last_stream_id: int, error_code: int = 0) -> None:
-        """A GOAWAY that leaves the connection usable for streams up to ``last_stream_id``.
-
-        h2's ``close_connection`` moves its state machine to CLOSED; a graceful drain
-        needs the first, advisory GOAWAY of RFC 9113 §6.8 without that.
-        """
+        """A GOAWAY that leaves the connection usable for streams up to ``last_stream_id``
+        (the first, advisory GOAWAY of RFC 9113 §6.8)."""
+        self.h2.goaway(last_stream_id, error_code)
         self.flush_now()
-        frame = GoAwayFrame(0)
-        frame.last_stream_id = last_stream_id
-        frame.error_code = error_code
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(frame.serialize())
 
     def close_with(self, error_code: int, last_stream_id: int | None = None) -> None:
         """Send a final GOAWAY and close after it is written."""
         if self.closed:
             return
-        try:
-            self.h2.close_connection(error_code=error_code, last_stream_id=last_stream_id)
-            self.flush_now()
-        except ProtocolError:
-            pass
+        self.h2.close_connection(error_code, last_stream_id)
+        self.flush_now()
         self.closed = True
         transport = self.transport
         if transport is None:
@@ -149,35 +125,10 @@ class H2Link(asyncio.Protocol):
 
     # ------------------------------------------------------------------ flow control
 
-    def received(self, flow_len: int) -> None:
-        """DATA arrived (and is held by the proxy now): open the connection window again.
-
-        What ``H2Connection.acknowledge_received_data`` does for the connection, without the
-        stream part, which waits for ``acknowledge``.
-        """
-        if self.closed or not flow_len:
-            return
-        h2 = self.h2
-        increment = h2._inbound_flow_control_window_manager.process_bytes(flow_len)
-        if increment:
-            frame = WindowUpdateFrame(0)
-            frame.window_increment = increment
-            h2._prepare_for_sending([frame])
-
     def acknowledge(self, stream_id: int, flow_len: int) -> None:
         """The bytes received on ``stream_id`` were taken: let the sender send more on it."""
-        if self.closed or not flow_len:
-            return
-        h2 = self.h2
-        try:
-            stream = h2._get_stream_by_id(stream_id)
-        except (NoSuchStreamError, StreamClosedError):
-            return  # nothing more can arrive on it: its window does not matter
-        if stream.open:
-            frames = stream.acknowledge_received_data(flow_len)
-            if frames:
-                h2._prepare_for_sending(frames)
-                self.flush()
+        if self.h2.acknowledge(stream_id, flow_len):
+            self.flush()
 
     def queue_data(self, stream_id: int, data: bytes, sender: Acknowledger | None, sender_stream: int,
                    flow_len: int) -> None:
@@ -219,7 +170,8 @@ class H2Link(asyncio.Protocol):
             self.pump(stream_id)
 
     def pump(self, stream_id: int) -> None:
-        """Send queued data on one stream as far as the windows and the write buffer allow."""
+        """Send queued data on one stream as far as the windows and the write buffer allow;
+        the stream's end goes with its last DATA frame when there are no trailers."""
         queue = self._queues.get(stream_id)
         if queue is None or self.closed:
             return
@@ -228,21 +180,27 @@ class H2Link(asyncio.Protocol):
         try:
             while chunks and not self.write_paused:
                 data, sender, sender_stream, flow_len = chunks[0]
-                window = h2.local_flow_control_window(stream_id)
-                if window <= 0 and data:
-                    break
-                size = min(window, h2.max_outbound_frame_size)
+                size = h2.sendable(stream_id)
+                if size < 0:
+                    raise ProtocolError("stream closed")
                 if len(data) > size:
+                    if size == 0:
+                        break
                     h2.send_data(stream_id, data[:size])
                     chunks[0] = (data[size:], sender, sender_stream, flow_len)
                     self.flush()
                     continue
                 chunks.popleft()
-                if data:
-                    h2.send_data(stream_id, data)
+                last = not chunks and queue.end and queue.trailers is None
+                if data or last:
+                    h2.send_data(stream_id, data, last)
                     self.flush()
                 if sender is not None:
                     sender.acknowledge(sender_stream, flow_len)
+                if last:
+                    del self._queues[stream_id]
+                    self.stream_sent(stream_id)
+                    return
             if chunks or not queue.end or self.write_paused:
                 return
             del self._queues[stream_id]
@@ -266,8 +224,5 @@ class H2Link(asyncio.Protocol):
         self.discard(stream_id)
         if self.closed:
             return
-        try:
-            self.h2.reset_stream(stream_id, code)
-        except ProtocolError:
-            return
+        self.h2.reset_stream(stream_id, code)
         self.flush()

@@ -18,32 +18,26 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Protocol
 
-from h2.config import H2Configuration
-from h2.connection import H2Connection as _H2
-from h2.errors import ErrorCodes
-from h2.events import (
+from dataplane.deadline import Deadline
+from dataplane.errors import HttpError
+from dataplane.http2.bridge import H1Bridge
+from dataplane.http2.engine import (
     ConnectionTerminated,
     DataReceived,
-    Event,
+    ErrorCodes,
+    H2Engine,
+    Headers,
     PingReceived,
     PriorityUpdated,
+    ProtocolError,
     RemoteSettingsChanged,
     RequestReceived,
-    StreamEnded,
     StreamReset,
     TrailersReceived,
     WindowUpdated,
 )
-from h2.exceptions import ProtocolError
-from h2.settings import SettingCodes, Settings
-from hyperframe.frame import Frame, HeadersFrame
-
-from dataplane.deadline import Deadline
-from dataplane.errors import HttpError
-from dataplane.http2.bridge import H1Bridge
 from dataplane.http2.grpc import GRPC_DEADLINE_EXCEEDED, GRPC_UNAVAILABLE, parse_grpc_timeout, trailers_only
-from dataplane.http2.hpack import Decoder, Encoder
-from dataplane.http2.link import Acknowledger, H2Link, Headers
+from dataplane.http2.link import Acknowledger, H2Link
 from dataplane.http2.upstream import H2Upstream, H2UpstreamUser
 from filters import Address, Decision, RequestHead
 from filters.head import joined_fields
@@ -85,36 +79,6 @@ class StreamUpstream(Acknowledger, Protocol):
 
 class _Malformed(Exception):
     """A request head RFC 9113 calls malformed: a stream error of type PROTOCOL_ERROR."""
-
-
-class _ServerH2(_H2):
-    """h2's server connection, minus its own concurrent-stream and content-length checks.
-
-    h2 answers a stream over ``max_concurrent_streams`` with a connection error (and
-    without decoding its header block, so the connection cannot go on). RFC 9113 §5.1.2
-    allows REFUSED_STREAM instead, which only costs the excess: ``H2Connection`` counts
-    streams itself and refuses them.
-    """
-
-    def __init__(self, config: H2Configuration) -> None:
-        super().__init__(config)
-        # turnout's HPACK (dataplane/http2/hpack.py): the same interface, compiled, no Huffman out.
-        self.encoder = Encoder()  # type: ignore[assignment]
-        self.decoder = Decoder()  # type: ignore[assignment]
-
-    @property
-    def open_inbound_streams(self) -> int:
-        return 0
-
-    def _receive_headers_frame(self, frame: HeadersFrame) -> tuple[list[Frame], list[Event]]:
-        # h2 makes content-length ≠ DATA total a connection error; RFC 9113 §8.1.1 makes it
-        # a stream error, which H2Stream enforces itself. This must happen before the DATA
-        # frames that may follow in the same read are processed.
-        result = super()._receive_headers_frame(frame)
-        stream = self.streams.get(frame.stream_id)
-        if stream is not None:
-            stream._expected_content_length = None
-        return result
 
 
 class RequestLine:
@@ -160,19 +124,12 @@ class H2Connection(H2Link):
         self.linger_s = limits.lingering_timeout_s
         peer = tr.get_extra_info("peername")
         self.peer = peer[0].encode("latin-1") if isinstance(peer, tuple) else b"unix"
-        h2 = self.h2 = _ServerH2(H2Configuration(
-            client_side=False, header_encoding=None,
-            # Inbound heads are checked here, so a malformed one is a stream error, not h2's
-            # connection error; outbound ones come from h2-validated upstream responses.
-            validate_inbound_headers=False, normalize_inbound_headers=False,
-            validate_outbound_headers=False, normalize_outbound_headers=False))
-        h2.local_settings = Settings(client=False, initial_values={
-            SettingCodes.MAX_CONCURRENT_STREAMS: limits.h2_max_concurrent_streams,
-            SettingCodes.INITIAL_WINDOW_SIZE: limits.h2_initial_stream_window_bytes,
-            SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_head_bytes,
-        })
+        # Inbound heads are checked by H2Stream.start, so a malformed one is a stream error.
+        h2 = self.h2 = H2Engine(False, max_concurrent_streams=limits.h2_max_concurrent_streams,
+                                initial_window_size=limits.h2_initial_stream_window_bytes,
+                                connection_window_size=limits.h2_initial_connection_window_bytes,
+                                max_header_list_size=limits.max_head_bytes)
         h2.initiate_connection()
-        h2.increment_flow_control_window(max(0, limits.h2_initial_connection_window_bytes - 65535))
         if len(state.connections) >= limits.max_connections_per_worker:
             state.metrics.connection_refused()
             self.close_with(ErrorCodes.REFUSED_STREAM, 0)
@@ -189,8 +146,8 @@ class H2Connection(H2Link):
         try:
             events = self.h2.receive_data(data)
         except ProtocolError:
-            # h2 queued a GOAWAY naming the error (this covers CONTINUATION floods, HPACK
-            # bombs and oversized header lists: h2 stops at its limits).
+            # The engine queued a GOAWAY naming the error (this covers CONTINUATION floods,
+            # HPACK bombs and oversized header lists: it stops at its limits).
             self.state.metrics.downstream_error("h2_protocol_error")
             self.flush_now()
             self._abort_streams()
@@ -201,9 +158,8 @@ class H2Connection(H2Link):
         streams = self.streams
         for event in events:
             if isinstance(event, DataReceived):
-                self.received(event.flow_controlled_length)
                 stream = streams.get(event.stream_id)
-                if not event.data and event.stream_ended is None:
+                if not event.data and not event.stream_ended:
                     self._empty_frames += 1
                     if self._empty_frames > self.state.limits.h2_max_consecutive_empty_frames:
                         self._calm("h2_empty_frames")
@@ -212,14 +168,12 @@ class H2Connection(H2Link):
                     self._empty_frames = 0
                 if stream is not None:
                     stream.on_request_data(event.data, event.flow_controlled_length)
+                    if event.stream_ended:
+                        stream.on_request_end(None)
                 else:
                     self.acknowledge(event.stream_id, event.flow_controlled_length)
             elif isinstance(event, RequestReceived):
-                self._request(event.stream_id, event.headers, event.stream_ended is not None)
-            elif isinstance(event, StreamEnded):
-                stream = streams.get(event.stream_id)
-                if stream is not None:
-                    stream.on_request_end(None)
+                self._request(event.stream_id, event.headers, event.stream_ended)
             elif isinstance(event, WindowUpdated):
                 if event.stream_id:
                     self.pump(event.stream_id)
@@ -242,8 +196,6 @@ class H2Connection(H2Link):
             elif isinstance(event, (PingReceived, RemoteSettingsChanged, PriorityUpdated)):
                 if isinstance(event, RemoteSettingsChanged):
                     self.pump_all()  # a new initial window may let queued data go
-                elif isinstance(event, PriorityUpdated) and event.stream_id in streams:
-                    continue  # priority carried by a request's HEADERS: part of the request
                 if self._control_frame():
                     return
             elif isinstance(event, ConnectionTerminated):
@@ -298,7 +250,6 @@ class H2Connection(H2Link):
         if self.streams.pop(stream.stream_id, None) is None:
             return
         self.discard(stream.stream_id)
-        self.stream_done()
         if not self.streams:
             if self.draining and self._final_goaway:
                 self.close_with(ErrorCodes.NO_ERROR, self.last_stream_id)
@@ -371,24 +322,6 @@ class H2Connection(H2Link):
 class H2Stream(H2UpstreamUser):
     """One HTTP/2 request and its response, from the routing decision to the last frame."""
 
-    # Per-stream state that starts the same for every stream: class defaults.
-    upstream: StreamUpstream | None = None
-    up_stream_id = 0
-    request_done = False
-    response_started = False
-    finished = False
-    status = 0
-    bytes_out = 0
-    fallback_used = False
-    retried = False
-    sent_body = False  # request DATA was handed to the upstream: no retry or fallback any more
-    grpc_status = b""
-    mirror: MirrorCopy | None = None  # a mirror decision's copy of the request, filled as it arrives
-    _pending: list[tuple[bytes, int]] | None = None  # request DATA held while connecting
-    _request_trailers: Headers | None = None
-    _received_bytes = 0
-    _deadline_timer: asyncio.TimerHandle | None = None
-
     def __init__(self, conn: H2Connection, stream_id: int, service: str, decision: Decision, baseline: Address,
                  plan: RequestLine, upstream_headers: Headers, grpc: bool, content_length: int) -> None:
         self.conn = conn
@@ -406,6 +339,22 @@ class H2Stream(H2UpstreamUser):
         self.content_length = content_length  # -1: none given
         self.started_at = state.clock()
         self.idle = Deadline(state.loop, self._idle_reached)  # response / stream idle timeout
+        self.upstream: StreamUpstream | None = None
+        self.up_stream_id = 0
+        self.request_done = False
+        self.response_started = False
+        self.finished = False
+        self.status = 0
+        self.bytes_out = 0
+        self.fallback_used = False
+        self.retried = False
+        self.sent_body = False  # request DATA was handed to the upstream: no retry or fallback any more
+        self.grpc_status = b""
+        self.mirror: MirrorCopy | None = None  # a mirror decision's copy of the request, filled as it arrives
+        self._pending: list[tuple[bytes, int]] | None = None  # request DATA held while connecting
+        self._request_trailers: Headers | None = None
+        self._received_bytes = 0
+        self._deadline_timer: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------------ start
 

@@ -10,25 +10,21 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Protocol
 
-from h2.config import H2Configuration
-from h2.connection import H2Connection as _H2
-from h2.errors import ErrorCodes
-from h2.events import (
+from dataplane.errors import HttpError
+from dataplane.http2.engine import (
     ConnectionTerminated,
     DataReceived,
+    ErrorCodes,
+    H2Engine,
+    Headers,
+    ProtocolError,
     RemoteSettingsChanged,
     ResponseReceived,
-    StreamEnded,
     StreamReset,
     TrailersReceived,
     WindowUpdated,
 )
-from h2.exceptions import ProtocolError
-from h2.settings import SettingCodes, Settings
-
-from dataplane.errors import HttpError
-from dataplane.http2.hpack import Decoder, Encoder
-from dataplane.http2.link import H2Link, Headers
+from dataplane.http2.link import H2Link
 from filters import Address
 
 if TYPE_CHECKING:
@@ -53,25 +49,6 @@ class H2UpstreamUser(Protocol):
         did not process it (REFUSED_STREAM, or above a GOAWAY's last stream id)."""
 
 
-class _ClientH2(_H2):
-    """h2's client connection, minus its per-request count of open streams.
-
-    h2 counts open streams (by walking its whole stream table) every time a stream is
-    opened, to enforce the peer's ``max_concurrent_streams``; ``H2Upstream.has_capacity``
-    enforces it already from its own count. Closed streams are dropped by ``stream_done``.
-    """
-
-    def __init__(self, config: H2Configuration) -> None:
-        super().__init__(config)
-        # turnout's HPACK (dataplane/http2/hpack.py): the same interface, compiled, no Huffman out.
-        self.encoder = Encoder()  # type: ignore[assignment]
-        self.decoder = Decoder()  # type: ignore[assignment]
-
-    @property
-    def open_outbound_streams(self) -> int:
-        return 0
-
-
 class H2Upstream(H2Link):
     """One HTTP/2 client connection to one destination, carrying many streams."""
 
@@ -94,16 +71,10 @@ class H2Upstream(H2Link):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         limits = self.pool.state.limits
         self.setup_transport(transport, limits.write_high_watermark_bytes, limits.write_low_watermark_bytes)
-        h2 = self.h2 = _ClientH2(H2Configuration(client_side=True, header_encoding=None,
-                                           validate_outbound_headers=False, normalize_outbound_headers=False))
-        # Replaced before initiate_connection, which advertises the current values.
-        h2.local_settings = Settings(client=True, initial_values={
-            SettingCodes.ENABLE_PUSH: 0,
-            SettingCodes.INITIAL_WINDOW_SIZE: limits.h2_initial_stream_window_bytes,
-            SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_head_bytes,
-        })
+        h2 = self.h2 = H2Engine(True, initial_window_size=limits.h2_initial_stream_window_bytes,
+                                connection_window_size=limits.h2_initial_connection_window_bytes,
+                                max_header_list_size=limits.max_head_bytes)
         h2.initiate_connection()
-        h2.increment_flow_control_window(max(0, limits.h2_initial_connection_window_bytes - 65535))
         self.flush()
         self.idle_since = self.pool.state.loop_time()
 
@@ -113,7 +84,7 @@ class H2Upstream(H2Link):
         try:
             events = self.h2.receive_data(data)
         except ProtocolError:
-            self.flush_now()  # h2 queued a GOAWAY
+            self.flush_now()  # the engine queued a GOAWAY
             self._fail_all(ErrorCodes.PROTOCOL_ERROR, None)
             self.closed = True
             if self.transport is not None:
@@ -122,14 +93,17 @@ class H2Upstream(H2Link):
         users = self.users
         for event in events:
             if isinstance(event, DataReceived):
-                self.received(event.flow_controlled_length)
-                user = users.get(event.stream_id)
+                ended = event.stream_ended
+                user = users.pop(event.stream_id, None) if ended else users.get(event.stream_id)
                 if user is not None:
                     user.on_up_data(event.data, event.flow_controlled_length)
+                    if ended:
+                        self._stream_gone()
+                        user.on_up_end(None)
                 else:
                     self.acknowledge(event.stream_id, event.flow_controlled_length)
             elif isinstance(event, ResponseReceived):
-                ended = event.stream_ended is not None
+                ended = event.stream_ended
                 user = users.pop(event.stream_id, None) if ended else users.get(event.stream_id)
                 if user is not None:
                     if ended:
@@ -140,11 +114,6 @@ class H2Upstream(H2Link):
                 if user is not None:
                     self._stream_gone()
                     user.on_up_end(event.headers)
-            elif isinstance(event, StreamEnded):
-                user = users.pop(event.stream_id, None)
-                if user is not None:
-                    self._stream_gone()
-                    user.on_up_end(None)
             elif isinstance(event, WindowUpdated):
                 if event.stream_id:
                     self.pump(event.stream_id)
@@ -179,7 +148,7 @@ class H2Upstream(H2Link):
     def has_capacity(self) -> bool:
         """Whether another stream may be opened now."""
         return (not self.closed and not self.going_away
-                and len(self.users) + self.reserved < self.h2.remote_settings.max_concurrent_streams)
+                and len(self.users) + self.reserved < self.h2.remote_max_concurrent_streams)
 
     def open_stream(self, user: H2UpstreamUser, headers: Headers, end: bool, reserved: bool) -> int:
         """Send a request head on a new stream (taking the caller's reservation, if any);
@@ -230,7 +199,6 @@ class H2Upstream(H2Link):
     # ------------------------------------------------------------------ internals
 
     def _stream_gone(self) -> None:
-        self.stream_done()
         if not self.users:
             self.idle_since = self.pool.state.loop_time()
             if self.going_away:
