@@ -43,13 +43,12 @@ class _Outbound:
 class H2Link(asyncio.Protocol):
     """An HTTP/2 engine on an asyncio transport, with per-stream outbound queues."""
 
-    # A client that does not read gets nothing more processed while our buffer is full:
-    # its PINGs and SETTINGS would otherwise queue acknowledgements without bound. Not for
-    # upstreams: one that stops reading while we stop reading it would never recover.
-    pause_reading_when_blocked = False
-
-    def __init__(self) -> None:
-        self.h2: H2Engine = cast(H2Engine, None)  # set by the subclass before any I/O
+    def __init__(self, h2: H2Engine, pause_reading_when_blocked: bool) -> None:
+        self.h2 = h2
+        # A client that does not read gets nothing more processed while our buffer is full:
+        # its PINGs and SETTINGS would otherwise queue acknowledgements without bound. Not for
+        # upstreams: one that stops reading while we stop reading it would never recover.
+        self.pause_reading_when_blocked = pause_reading_when_blocked
         self.transport: asyncio.Transport | None = None
         self.write_paused = False
         self.closed = False

@@ -96,10 +96,13 @@ class RequestLine:
 class H2Connection(H2Link):
     """One client connection speaking HTTP/2."""
 
-    pause_reading_when_blocked = True
-
     def __init__(self, state: WorkerState, listener: Listener) -> None:
-        super().__init__()
+        limits = state.limits
+        # Inbound heads are checked by H2Stream.start, so a malformed one is a stream error.
+        super().__init__(H2Engine(False, max_concurrent_streams=limits.h2_max_concurrent_streams,
+                                  initial_window_size=limits.h2_initial_stream_window_bytes,
+                                  connection_window_size=limits.h2_initial_connection_window_bytes,
+                                  max_header_list_size=limits.max_head_bytes), True)
         self.state = state
         self.listener = listener
         self.peer = b""
@@ -124,12 +127,7 @@ class H2Connection(H2Link):
         self.linger_s = limits.lingering_timeout_s
         peer = tr.get_extra_info("peername")
         self.peer = peer[0].encode("latin-1") if isinstance(peer, tuple) else b"unix"
-        # Inbound heads are checked by H2Stream.start, so a malformed one is a stream error.
-        h2 = self.h2 = H2Engine(False, max_concurrent_streams=limits.h2_max_concurrent_streams,
-                                initial_window_size=limits.h2_initial_stream_window_bytes,
-                                connection_window_size=limits.h2_initial_connection_window_bytes,
-                                max_header_list_size=limits.max_head_bytes)
-        h2.initiate_connection()
+        self.h2.initiate_connection()
         if len(state.connections) >= limits.max_connections_per_worker:
             state.metrics.connection_refused()
             self.close_with(ErrorCodes.REFUSED_STREAM, 0)

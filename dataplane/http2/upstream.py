@@ -53,7 +53,10 @@ class H2Upstream(H2Link):
     """One HTTP/2 client connection to one destination, carrying many streams."""
 
     def __init__(self, pool: H2Pool, address: Address) -> None:
-        super().__init__()
+        limits = pool.state.limits
+        super().__init__(H2Engine(True, initial_window_size=limits.h2_initial_stream_window_bytes,
+                                  connection_window_size=limits.h2_initial_connection_window_bytes,
+                                  max_header_list_size=limits.max_head_bytes), False)
         self.pool = pool
         self.address = address
         self.key = (address.host, address.port)
@@ -71,10 +74,7 @@ class H2Upstream(H2Link):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         limits = self.pool.state.limits
         self.setup_transport(transport, limits.write_high_watermark_bytes, limits.write_low_watermark_bytes)
-        h2 = self.h2 = H2Engine(True, initial_window_size=limits.h2_initial_stream_window_bytes,
-                                connection_window_size=limits.h2_initial_connection_window_bytes,
-                                max_header_list_size=limits.max_head_bytes)
-        h2.initiate_connection()
+        self.h2.initiate_connection()
         self.flush()
         self.idle_since = self.pool.state.loop_time()
 
