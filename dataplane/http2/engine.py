@@ -38,6 +38,9 @@ _DEFAULT_WINDOW: Final = 65535
 _DEFAULT_FRAME_SIZE: Final = 16384
 _MAX_FRAME_SIZE: Final = 2**24 - 1
 _MAX_STREAM_ID: Final = 2**31 - 1
+# At most this many frames (HEADERS and its CONTINUATIONs) carry one header block, as h2
+# allowed: the size limit alone would let empty CONTINUATION frames pile up without end.
+_CONTINUATION_BACKLOG: Final = 64
 
 # Frame types (RFC 9113 §6) and flags.
 _DATA: Final = 0
@@ -243,7 +246,8 @@ class H2Engine:
         self.goaway_received = False  # no new outbound streams
         self.streams: dict[int, _Stream] = {}
         self._out: list[bytes] = []
-        self._inbuf = b""
+        self._inbuf = bytearray()  # the start of a frame not complete yet
+        self._need = 0  # the length _inbuf must reach before parsing is worth it
         self._preface_pending = not client_side
         self._next_stream_id = 1  # client side
         self._highest_inbound = 0  # server side: the highest stream id the peer opened
@@ -253,8 +257,9 @@ class H2Engine:
         self._recv_initial_window = _DEFAULT_WINDOW  # in force until our SETTINGS are acknowledged
         self._max_header_list_size = max_header_list_size
         self._connection_window_size = connection_window_size
-        # The connection's windows.
-        self._conn_recv_window = _DEFAULT_WINDOW
+        # The connection's windows. Ours is opened again by half of it at a time as DATA
+        # arrives, so it never drops below half (> the 16384-byte largest frame we accept):
+        # only what was received and not yet given back is tracked.
         self._conn_recv_max = _DEFAULT_WINDOW
         self._conn_recv_unacked = 0
         self._conn_send_window = _DEFAULT_WINDOW
@@ -289,7 +294,6 @@ class H2Engine:
         self._frame(_SETTINGS, 0, 0, b"".join(settings))
         extra = self._connection_window_size - _DEFAULT_WINDOW
         if extra > 0:
-            self._conn_recv_window += extra
             self._conn_recv_max += extra
             self._frame(_WINDOW_UPDATE, 0, 0, _U32.pack(extra))
 
@@ -398,7 +402,8 @@ class H2Engine:
         """A PING carrying 8 bytes; the answer is reported as ``PingAckReceived``."""
         if len(opaque_data) != 8:
             raise ValueError("PING carries exactly 8 bytes")
-        self._frame(_PING, 0, 0, opaque_data)
+        if not self.closed:  # nothing goes out after the final GOAWAY
+            self._frame(_PING, 0, 0, opaque_data)
 
     def goaway(self, last_stream_id: int, error_code: int = ErrorCodes.NO_ERROR) -> None:
         """A GOAWAY that leaves the connection usable (the first step of a graceful drain)."""
@@ -445,7 +450,6 @@ class H2Engine:
         unacked = self._conn_recv_unacked + flow_len
         if unacked >= self._conn_recv_max >> 1:
             self._conn_recv_unacked = 0
-            self._conn_recv_window += unacked
             if not self.closed:
                 self._frame(_WINDOW_UPDATE, 0, 0, _U32.pack(unacked))
         else:
@@ -458,7 +462,14 @@ class H2Engine:
         raises ``ProtocolError`` on a connection error, with the GOAWAY queued."""
         if self.closed:
             return []
-        buf = self._inbuf + data if self._inbuf else data
+        if self._inbuf:  # appended to, and parsed once the frame is complete: a trickle is linear
+            self._inbuf += data
+            if len(self._inbuf) < self._need:
+                return []
+            buf = bytes(self._inbuf)
+            self._inbuf = bytearray()
+        else:
+            buf = data
         events: list[Event] = []
         pos = 0
         end = len(buf)
@@ -467,7 +478,8 @@ class H2Engine:
                 if end < 24:
                     if PREFACE[:end] != buf:
                         raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "invalid connection preface")
-                    self._inbuf = buf
+                    self._inbuf = bytearray(buf)
+                    self._need = 24
                     return events
                 if buf[:24] != PREFACE:
                     raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "invalid connection preface")
@@ -479,6 +491,7 @@ class H2Engine:
                     raise _ConnectionError(ErrorCodes.FRAME_SIZE_ERROR, "frame larger than SETTINGS_MAX_FRAME_SIZE")
                 stop = pos + 9 + length
                 if stop > end:
+                    self._need = stop - pos
                     break
                 ftype = buf[pos + 3]
                 flags = buf[pos + 4]
@@ -488,9 +501,11 @@ class H2Engine:
                 self._receive_frame(ftype, flags, stream_id, payload, events)
         except _ConnectionError as exc:
             self.close_connection(exc.code)
-            self._inbuf = b""
             raise ProtocolError(str(exc), exc.code) from None
-        self._inbuf = buf[pos:] if pos < end else b""
+        if pos < end:
+            if end - pos < 9:
+                self._need = 9
+            self._inbuf = bytearray(buf[pos:])
         return events
 
     def _receive_frame(self, ftype: int, flags: int, stream_id: int, payload: bytes, events: list[Event]) -> None:
@@ -501,6 +516,8 @@ class H2Engine:
             if self._cont_size > self._max_block:
                 raise _ConnectionError(ErrorCodes.ENHANCE_YOUR_CALM, "header block too large")
             self._cont_block.append(payload)
+            if len(self._cont_block) > _CONTINUATION_BACKLOG:  # a flood of small (even empty) frames
+                raise _ConnectionError(ErrorCodes.ENHANCE_YOUR_CALM, "too many CONTINUATION frames")
             if flags & _END_HEADERS:
                 block = b"".join(self._cont_block)
                 self._cont_block = []
@@ -575,9 +592,6 @@ class H2Engine:
         if stream_id == 0:
             raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "DATA on stream 0")
         flow_len = len(payload)
-        self._conn_recv_window -= flow_len
-        if self._conn_recv_window < 0:
-            raise _ConnectionError(ErrorCodes.FLOW_CONTROL_ERROR, "DATA beyond the connection's window")
         start, stop = self._strip_padding(flags, payload)
         self._connection_received(flow_len)
         stream = self.streams.get(stream_id)
@@ -612,6 +626,8 @@ class H2Engine:
         if flags & _PRIORITY_FLAG:
             start += 5
             if start > stop:
+                if start <= len(payload):  # the fields fit: the padding is what is too long (§6.2)
+                    raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "padding longer than the frame")
                 raise _ConnectionError(ErrorCodes.FRAME_SIZE_ERROR, "HEADERS too short for its priority")
         block = payload[start:stop]
         if flags & _END_HEADERS:
