@@ -65,7 +65,9 @@ class H2Upstream:
     gRPC-shaped response with trailers; ``/goaway`` is refused the first time with a GOAWAY
     below its stream id (never processed); ``/noack`` never acknowledges request DATA (its
     flow-control window stays shut); ``/freeze`` makes the connection go silent, PINGs
-    included; anything else echoes the request as JSON.
+    included; ``/bad-head`` answers a head with a connection-specific field and
+    ``/short-body`` a body shorter than its content-length (both malformed, RFC 9113 §8.1.1,
+    §8.2.2); anything else echoes the request as JSON.
     """
 
     def __init__(self, label: str, max_streams: int | None = None) -> None:
@@ -114,7 +116,10 @@ class H2Upstream:
 class _H2ServerProtocol(asyncio.Protocol):
     def __init__(self, owner: H2Upstream) -> None:
         self.owner = owner
-        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+        # Outbound heads unchecked: /bad-head sends a malformed one on purpose.
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(
+            client_side=False, header_encoding=None, validate_outbound_headers=False,
+            normalize_outbound_headers=False))
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, Seen] = {}
         # Response bodies waiting for window (views: sending a frame never copies the rest).
@@ -182,6 +187,13 @@ class _H2ServerProtocol(asyncio.Protocol):
             self.conn.send_headers(stream_id, [(b":status", b"200"), (b"content-length", b"100000")])
             self.conn.send_data(stream_id, b"r" * 1000)
             self.conn.reset_stream(stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
+            return
+        if path == b"/bad-head":
+            self.conn.send_headers(stream_id, [(b":status", b"200"), (b"connection", b"close")], end_stream=True)
+            return
+        if path == b"/short-body":
+            self.conn.send_headers(stream_id, [(b":status", b"200"), (b"content-length", b"10")])
+            self.conn.send_data(stream_id, b"12345", end_stream=True)
             return
         if path.startswith(b"/big?"):
             size = int(path[5:])
@@ -432,6 +444,29 @@ def test_response_trailers_and_hop_headers(hstack: H2Stack, client: H2Client) ->
     assert body == b"\x00\x00\x00\x00\x02ok"
     seen = hstack.baseline.requests[-1]
     assert seen.header(b"te") == b"trailers"
+
+
+def test_malformed_upstream_responses_are_stream_errors_and_the_upstream_connection_lives(
+        hstack: H2Stack, client: H2Client) -> None:
+    warm = client.request("/")
+    assert client.response(warm)[0][b":status"] == b"200"
+    connections = hstack.baseline.connections
+    # A malformed head: nothing was sent to the client yet, so it gets a 502 naming the cause.
+    bad = client.request("/bad-head")
+    headers, body = client.response(bad)
+    assert headers[b":status"] == b"502"
+    assert headers[b"x-turnout-error"] == b"upstream_reset"
+    assert body == b"upstream reset the stream\n"
+    # A body shorter than its content-length: the response had started, so it is reset,
+    # never passed on as a complete short response.
+    short = client.request("/short-body")
+    client.pump(lambda: client.ended(short))
+    assert client.reset_code(short) is not None
+    assert not any(isinstance(e, h2.events.StreamEnded) and e.stream_id == short for e in client.events)
+    # Only those streams were hit: the next request goes over the same upstream connection.
+    ok = client.request("/")
+    assert client.response(ok)[0][b":status"] == b"200"
+    assert hstack.baseline.connections == connections
 
 
 @pytest.mark.parametrize("bad", [
