@@ -41,8 +41,12 @@ class Deadline:
         self.at = 0.0
 
     def cancel(self) -> None:
-        """No deadline, and no timer: the owner is gone."""
+        """No deadline, and no timer: the owner is gone. The callback (usually a method of
+        the owner, which holds this deadline) is dropped too, so the owner is freed at once
+        by reference counting instead of waiting, with all it holds, for the cyclic garbage
+        collector."""
         self.at = 0.0
+        self._expired = _gone
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
@@ -58,3 +62,7 @@ class Deadline:
             return
         self.at = 0.0
         self._expired()
+
+
+def _gone() -> None:
+    """A cancelled deadline's callback: never called (no timer is left to call it)."""

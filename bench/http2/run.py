@@ -386,12 +386,14 @@ class H2Bench:
             self.tools["h2load"], f"-t{H2LOAD_THREADS}", f"-c{self.args.clients}", f"-m{self.args.streams}",
             f"-D{2 * seconds + 30}", "-H", ROUTED_HEADER, f"http://127.0.0.1:{target.port}/bench"]),
             self.tmp / "h2load-profile.out")
-        # Blocking mode first (py-spy pauses the worker per sample, so time lands on the right
-        # frame), --nonblocking as the fallback; the profiled run's throughput is not reported.
+        # Blocking mode with native frames first (the compiled build's per-request code is C:
+        # without --native py-spy sees only the interpreted rest), then plain blocking mode
+        # (py-spy pauses the worker per sample, so time lands on the right frame), --nonblocking
+        # as the last fallback; the profiled run's throughput is not reported.
         try:
             time.sleep(1.0)
             errors = []
-            for mode in ([], ["--nonblocking"]):
+            for mode in (["--native"], [], ["--nonblocking"]):
                 log(f"py-spy record --pid {pid} --duration {seconds} {' '.join(mode)} (raw + flame graph)")
                 failed = None
                 for fmt, path in (("raw", raw), ("flamegraph", svg)):

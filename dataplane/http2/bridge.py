@@ -22,7 +22,7 @@ what was queued for it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from dataplane.errors import HttpError
 from dataplane.http1.semantics import BODY_CHUNKED, BODY_LENGTH, ResponsePlan
@@ -36,9 +36,9 @@ if TYPE_CHECKING:
     from filters import Address
 
 # Methods whose requests carry no body when none is sent: no "content-length: 0" for them.
-_BODILESS = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS", b"TRACE"})
-_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
-_DROPPED = frozenset({b"te", b"cookie", b"content-length"})
+_BODILESS: Final = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS", b"TRACE"})
+_IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+_DROPPED: Final = frozenset({b"te", b"cookie", b"content-length"})
 
 
 class H1Bridge(UpstreamUser):

@@ -21,7 +21,7 @@ an ``Exchange`` holds its upstream as an ``UpstreamConnection``, so the carrier 
 from __future__ import annotations
 
 from http import HTTPStatus
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from dataplane.errors import HttpError
 from dataplane.http1.semantics import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, ResponsePlan
@@ -36,8 +36,8 @@ if TYPE_CHECKING:
 
 _NO_TRAILERS: list[tuple[bytes, bytes]] = []  # never changed: passed to users only to read
 # Framing is DATA frames; Expect: 100-continue is answered by the carrier itself.
-_NOT_SENT = frozenset({b"transfer-encoding", b"expect"})
-_PHRASES = {s.value: s.phrase.encode() for s in HTTPStatus}  # HTTP/2 has no reason phrase: the standard one
+_NOT_SENT: Final = frozenset({b"transfer-encoding", b"expect"})
+_PHRASES: Final = {s.value: s.phrase.encode() for s in HTTPStatus}  # HTTP/2 has no reason phrase: the standard one
 
 
 class H2Carrier(UpstreamConnection):

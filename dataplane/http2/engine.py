@@ -74,9 +74,9 @@ _ENCODER_TABLE_CAP: Final = 4096
 _CONNECTION_SPECIFIC: Final = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
                                          b"upgrade"})
 
-_FRAME_HEAD = struct.Struct(">BHBBL")  # length (24 bits as 8 + 16), type, flags, stream id
-_U32 = struct.Struct(">L")
-_GOAWAY_HEAD = struct.Struct(">LL")
+_FRAME_HEAD: Final = struct.Struct(">BHBBL")  # length (24 bits as 8 + 16), type, flags, stream id
+_U32: Final = struct.Struct(">L")
+_GOAWAY_HEAD: Final = struct.Struct(">LL")
 
 
 class ErrorCodes:
@@ -790,19 +790,29 @@ def _response_status(headers: Headers) -> int:
     for header in headers:
         name = header[0]
         value = header[1]
-        if name[:1] == b":":
+        if not name:
+            return -1
+        if name[0] == 58:  # ":"
             if name != b":status" or status != -1 or regular or len(value) != 3 or not value.isdigit():
                 return -1
             status = int(value)
             continue
         regular = True
-        if not name or (not name.islower() and name != name.lower()) or name in _CONNECTION_SPECIFIC:
+        if (not name.islower() and name != name.lower()) or name in _CONNECTION_SPECIFIC:
             return -1
-        if b"\r" in value or b"\n" in value or b"\x00" in value:
-            return -1
-        if value and (value[0] in (32, 9) or value[-1] in (32, 9)):
+        if not valid_value(value):
             return -1
     return status
+
+
+def valid_value(value: bytes) -> bool:
+    """Whether a field value is allowed (RFC 9113 §8.2.1): no NUL, CR or LF, no space or tab
+    at either end."""
+    # Ints, not one-byte strings: bytes.__contains__ takes an int straight to memchr, and
+    # tries (and fails, raising inside) to read a bytes argument as an int first.
+    if 13 in value or 10 in value or 0 in value:
+        return False
+    return not value or (value[0] != 32 and value[0] != 9 and value[-1] != 32 and value[-1] != 9)
 
 
 def _content_length(headers: Headers) -> int:

@@ -6,12 +6,13 @@ A trailers-only reply is one HEADERS frame with END_STREAM (gRPC over HTTP/2, "R
 
 from __future__ import annotations
 
+from typing import Final
 from urllib.parse import quote
 
 GRPC_DEADLINE_EXCEEDED = b"4"
 GRPC_UNAVAILABLE = b"14"
 # grpc-timeout units (gRPC over HTTP/2, "Requests"): hours down to nanoseconds.
-_UNITS = {ord("H"): 3600.0, ord("M"): 60.0, ord("S"): 1.0, ord("m"): 1e-3, ord("u"): 1e-6, ord("n"): 1e-9}
+_UNITS: Final = {ord("H"): 3600.0, ord("M"): 60.0, ord("S"): 1.0, ord("m"): 1e-3, ord("u"): 1e-6, ord("n"): 1e-9}
 
 
 def parse_grpc_timeout(value: bytes) -> float | None:

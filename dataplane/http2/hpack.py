@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable
+from typing import Final
 
 from hpack.exceptions import (
     HPACKDecodingError,
@@ -31,21 +32,25 @@ from hpack.table import HeaderTable
 # NeverIndexedHeaderTuple keeps its class (a tuple[bytes, bytes] would be unboxed).
 Header = tuple[bytes, ...]
 
-_STATIC: tuple[tuple[bytes, bytes], ...] = HeaderTable.STATIC_TABLE
-_STATIC_LEN = len(_STATIC)
-_DEFAULT_TABLE_SIZE = 4096
-_DEFAULT_MAX_HEADER_LIST_SIZE = 2**16
-_ENTRY_OVERHEAD = 32  # RFC 7541 §4.1
-_VARINT_MAX_BYTES = 5  # as hpack: a prefix and a uint32
+# Final: compiled code reads these as C statics, not through the module's dictionary.
+_STATIC: Final[tuple[tuple[bytes, bytes], ...]] = HeaderTable.STATIC_TABLE
+_STATIC_LEN: Final = 61
+_DEFAULT_TABLE_SIZE: Final = 4096
+_DEFAULT_MAX_HEADER_LIST_SIZE: Final = 2**16
+_ENTRY_OVERHEAD: Final = 32  # RFC 7541 §4.1
+_VARINT_MAX_BYTES: Final = 5  # as hpack: a prefix and a uint32
 
-# hpack's Huffman state machine (nghttp2's), split into flat lists for compiled indexing.
-_H_STATE: list[int] = [entry[0] for entry in HUFFMAN_TABLE]
-_H_FLAGS: list[int] = [entry[1] for entry in HUFFMAN_TABLE]
-_H_BYTE: list[int] = [entry[2] for entry in HUFFMAN_TABLE]
+# hpack's Huffman state machine (nghttp2's), one int per (state, nibble): the next state in
+# the low byte, the flags in the next, the emitted byte above.
+_H_FAIL: Final = HUFFMAN_FAIL << 8
+_H_EMIT: Final = HUFFMAN_EMIT_SYMBOL << 8
+_H_COMPLETE: Final = HUFFMAN_COMPLETE << 8
+_H_TABLE: Final[list[int]] = [state | flags << 8 | byte << 16 for state, flags, byte in HUFFMAN_TABLE]
 
 # Static table lookups for the encoder: the first index of each (name, value) and name.
-_STATIC_PAIR: dict[tuple[bytes, bytes], int] = {}
-_STATIC_NAME: dict[bytes, int] = {}
+_STATIC_PAIR: Final[dict[tuple[bytes, bytes], int]] = {}
+_STATIC_NAME: Final[dict[bytes, int]] = {}
+assert len(_STATIC) == _STATIC_LEN
 for _i, (_n, _v) in enumerate(_STATIC, 1):
     _STATIC_PAIR.setdefault((_n, _v), _i)
     _STATIC_NAME.setdefault(_n, _i)
@@ -93,25 +98,24 @@ def encode_integer(value: int, prefix_bits: int, first: int) -> bytes:
 
 def decode_huffman(data: bytes) -> bytes:
     """A Huffman-coded HPACK string (RFC 7541 §5.2), or ``HPACKDecodingError``."""
+    table = _H_TABLE
     state = 0
-    flags = 0
+    entry = 0
     out = bytearray()
     for byte in data:
-        index = state * 16 + (byte >> 4)
-        flags = _H_FLAGS[index]
-        if flags & HUFFMAN_FAIL:
+        entry = table[state * 16 + (byte >> 4)]
+        if entry & _H_FAIL:
             raise HPACKDecodingError("Invalid Huffman string")
-        if flags & HUFFMAN_EMIT_SYMBOL:
-            out.append(_H_BYTE[index])
-        state = _H_STATE[index]
-        index = state * 16 + (byte & 0x0F)
-        flags = _H_FLAGS[index]
-        if flags & HUFFMAN_FAIL:
+        if entry & _H_EMIT:
+            out.append(entry >> 16)
+        state = entry & 0xFF
+        entry = table[state * 16 + (byte & 0x0F)]
+        if entry & _H_FAIL:
             raise HPACKDecodingError("Invalid Huffman string")
-        if flags & HUFFMAN_EMIT_SYMBOL:
-            out.append(_H_BYTE[index])
-        state = _H_STATE[index]
-    if data and not flags & HUFFMAN_COMPLETE:
+        if entry & _H_EMIT:
+            out.append(entry >> 16)
+        state = entry & 0xFF
+    if data and not entry & _H_COMPLETE:
         raise HPACKDecodingError("Incomplete Huffman string")
     return bytes(out)
 
