@@ -84,16 +84,23 @@ def decode_integer(data: bytes, pos: int, prefix_bits: int) -> tuple[int, int]:
 
 def encode_integer(value: int, prefix_bits: int, first: int) -> bytes:
     """An HPACK integer with a ``prefix_bits`` prefix, ``first``'s high bits set on byte one."""
+    out = bytearray()
+    _put_integer(out, value, prefix_bits, first)
+    return bytes(out)
+
+
+def _put_integer(out: bytearray, value: int, prefix_bits: int, first: int) -> None:
+    # encode_integer, appended to ``out`` (no bytes object per field).
     mask = (1 << prefix_bits) - 1
     if value < mask:
-        return bytes((first | value,))
-    out = bytearray((first | mask,))
+        out.append(first | value)
+        return
+    out.append(first | mask)
     value -= mask
     while value >= 0x80:
         out.append((value & 0x7F) | 0x80)
         value >>= 7
     out.append(value)
-    return bytes(out)
 
 
 def decode_huffman(data: bytes) -> bytes:
@@ -266,26 +273,31 @@ class Encoder:
         out = bytearray()
         if self._pending_sizes:
             for size in (min(self._pending_sizes), self._pending_sizes[-1]):
-                out += encode_integer(size, 5, 0x20)
+                _put_integer(out, size, 5, 0x20)
             self._pending_sizes = []
+        pairs = self._pairs
         for header in headers:
             name = header[0]
             value = header[1]
-            static = _STATIC_PAIR.get((name, value), 0)
+            key = (name, value)
+            static = _STATIC_PAIR.get(key, 0)
             if static:
-                out += encode_integer(static, 7, 0x80)
+                out.append(0x80 | static)  # static indexes are below 127: one byte
                 continue
-            index = self._index(self._pairs.get((name, value), -1))
+            index = self._index(pairs.get(key, -1))
             if index:
-                out += encode_integer(index, 7, 0x80)
+                _put_integer(out, index, 7, 0x80)
                 continue
             name_index = _STATIC_NAME.get(name, 0) or self._index(self._names.get(name, -1))
             indexable = not isinstance(header, NeverIndexedHeaderTuple)
-            out += encode_integer(name_index, 6, 0x40) if indexable else encode_integer(name_index, 4, 0x10)
+            if indexable:
+                _put_integer(out, name_index, 6, 0x40)
+            else:
+                _put_integer(out, name_index, 4, 0x10)
             if not name_index:
-                out += encode_integer(len(name), 7, 0)
+                _put_integer(out, len(name), 7, 0)
                 out += name
-            out += encode_integer(len(value), 7, 0)
+            _put_integer(out, len(value), 7, 0)
             out += value
             if indexable:
                 self._add(name, value)
