@@ -44,7 +44,8 @@ What it does, in one run:
   cores per 1,000 req/s) and the worker's peak RSS under load;
 * prints markdown tables (results, diagnostics, turnout ratios, the target) and writes
   ``bench/http2/results.json``; ``--profile`` adds a py-spy flame graph and own-time table
-  of the turnout worker under h2load load (``bench/http2/profile/``).
+  of the turnout worker under h2load load (``bench/http2/profile/``), native frames
+  included (``--native``) so the compiled build's C functions show.
 
 Everything it starts runs in its own process group under a temporary directory, and is
 stopped by PID (and that group) on exit, Ctrl-C, SIGTERM or failure (bench/http1's
