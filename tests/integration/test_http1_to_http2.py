@@ -14,7 +14,6 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,6 @@ import httpx
 import pytest
 
 from tests.integration.support import (
-    ProxyProcess,
     closed_port,
     free_port,
     inbound,
@@ -30,24 +28,10 @@ from tests.integration.support import (
     raw_exchange,
     running_proxy,
 )
-from tests.integration.test_http2 import H2Upstream
+from tests.integration.test_http2 import H2Stack, H2Upstream
 from tests.integration.test_streaming import rss_bytes, worker_pid
 
 MIB = 1 << 20
-
-
-@dataclass
-class Stack:
-    """A proxy whose listener and session routes use HTTP/2 upstreams."""
-
-    proxy: ProxyProcess
-    baseline: H2Upstream
-    sandbox: H2Upstream
-
-    @property
-    def url(self) -> str:
-        """The listener's base URL."""
-        return self.proxy.url
 
 
 def config(port: int, baseline: str, sandbox: str) -> dict[str, Any]:
@@ -71,13 +55,13 @@ def config(port: int, baseline: str, sandbox: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[H2Stack]:
     """One proxy and two HTTP/2 upstreams for the module."""
     baseline, sandbox = H2Upstream("baseline"), H2Upstream("sandbox")
     try:
         with running_proxy(config(free_port(), baseline.address, sandbox.address),
                            tmp_path_factory.mktemp("h1h2")) as proxy:
-            yield Stack(proxy, baseline, sandbox)
+            yield H2Stack(proxy, baseline, sandbox)
     finally:
         baseline.stop()
         sandbox.stop()
@@ -91,7 +75,7 @@ def _seen_headers(body: bytes) -> dict[str, str]:
 # ---------------------------------------------------------------------- translation
 
 
-def test_get_reaches_http2_baseline_and_sandbox(stack: Stack) -> None:
+def test_get_reaches_http2_baseline_and_sandbox(stack: H2Stack) -> None:
     with httpx.Client(base_url=stack.url, timeout=10) as client:
         r = client.get("/items?x=1", headers={"x-custom": "v", "cookie": "a=1; b=2"})
         assert r.status_code == 200 and r.headers["x-upstream"] == "baseline"
@@ -105,7 +89,7 @@ def test_get_reaches_http2_baseline_and_sandbox(stack: Stack) -> None:
         assert routed.headers["x-upstream"] == "sandbox" and routed.headers["x-turnout-route"] == "sbx-1"
 
 
-def test_curl_post_with_length_and_chunked_body_with_trailers(stack: Stack) -> None:
+def test_curl_post_with_length_and_chunked_body_with_trailers(stack: H2Stack) -> None:
     out = subprocess.run(["curl", "-s", "--data-binary", "hello-h2", f"{stack.url}/post"],
                          capture_output=True, timeout=10, check=True).stdout
     assert json.loads(out)["body_bytes"] == 8
@@ -121,7 +105,7 @@ def test_curl_post_with_length_and_chunked_body_with_trailers(stack: Stack) -> N
     assert seen.trailers == [(b"x-digest", b"d1")] and seen.header(b"transfer-encoding") is None
 
 
-def test_expect_100_continue_is_answered_at_once(stack: Stack) -> None:
+def test_expect_100_continue_is_answered_at_once(stack: H2Stack) -> None:
     with socket.create_connection(("127.0.0.1", stack.proxy.port), timeout=5) as sock:
         sock.sendall(b"POST /expect HTTP/1.1\r\nhost: users\r\ncontent-length: 5\r\nexpect: 100-continue\r\n"
                      b"connection: close\r\n\r\n")
@@ -137,21 +121,21 @@ def test_expect_100_continue_is_answered_at_once(stack: Stack) -> None:
     assert seen.body == b"hello" and seen.header(b"expect") is None
 
 
-def test_http2_trailers_reach_the_http1_client_in_the_last_chunk(stack: Stack) -> None:
+def test_http2_trailers_reach_the_http1_client_in_the_last_chunk(stack: H2Stack) -> None:
     raw = raw_exchange(stack.proxy.port, b"GET /grpc HTTP/1.1\r\nhost: users\r\nconnection: close\r\n\r\n")
     head, _, body = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower()
     assert body.endswith(b"0\r\ngrpc-status: 0\r\nx-trailer: baseline\r\n\r\n"), body
 
 
-def test_head_and_content_length_responses(stack: Stack) -> None:
+def test_head_and_content_length_responses(stack: H2Stack) -> None:
     with httpx.Client(base_url=stack.url, timeout=10) as client:
         r = client.get(f"/big?{3 * MIB}")
         assert r.status_code == 200 and len(r.content) == 3 * MIB and r.headers["content-length"] == str(3 * MIB)
         assert "transfer-encoding" not in r.headers
 
 
-def test_many_client_connections_share_one_upstream_connection(stack: Stack) -> None:
+def test_many_client_connections_share_one_upstream_connection(stack: H2Stack) -> None:
     before = stack.baseline.connections
     errors: list[str] = []
 
@@ -177,7 +161,7 @@ def test_many_client_connections_share_one_upstream_connection(stack: Stack) -> 
 # ---------------------------------------------------------------------- flow control
 
 
-def test_a_client_that_does_not_read_bounds_the_proxy_memory(stack: Stack) -> None:
+def test_a_client_that_does_not_read_bounds_the_proxy_memory(stack: H2Stack) -> None:
     pid = worker_pid(stack.proxy)
     before = rss_bytes(pid)
     with socket.create_connection(("127.0.0.1", stack.proxy.port), timeout=5) as sock:
@@ -217,7 +201,7 @@ def test_an_upstream_that_does_not_read_stops_the_proxy_reading_the_client(tmp_p
         sandbox.stop()
 
 
-def test_a_big_upload_goes_through(stack: Stack) -> None:
+def test_a_big_upload_goes_through(stack: H2Stack) -> None:
     payload = b"u" * (12 * MIB)
     with httpx.Client(base_url=stack.url, timeout=30) as client:
         r = client.put("/upload", content=payload)
@@ -227,7 +211,7 @@ def test_a_big_upload_goes_through(stack: Stack) -> None:
 # ---------------------------------------------------------------------- failures
 
 
-def test_sandbox_down_falls_back_to_http2_baseline(stack: Stack) -> None:
+def test_sandbox_down_falls_back_to_http2_baseline(stack: H2Stack) -> None:
     with httpx.Client(base_url=stack.url, timeout=10) as client:
         r = client.get("/fb", headers={"baggage": "turnout-session=gone"})
         assert r.status_code == 200 and r.headers["x-upstream"] == "baseline"
@@ -235,7 +219,7 @@ def test_sandbox_down_falls_back_to_http2_baseline(stack: Stack) -> None:
         assert hard.status_code == 503 and "session=hard-1" in hard.headers["x-turnout-error"]
 
 
-def test_upstream_timeout_is_a_504_and_the_stream_is_cancelled(stack: Stack) -> None:
+def test_upstream_timeout_is_a_504_and_the_stream_is_cancelled(stack: H2Stack) -> None:
     resets = len(stack.baseline.resets)
     with httpx.Client(base_url=stack.url, timeout=10) as client:
         r = client.get("/hang")
@@ -260,7 +244,7 @@ def test_a_get_above_an_upstream_goaway_is_retried(tmp_path: Path) -> None:
         sandbox.stop()
 
 
-def test_upstream_reset_mid_response_cuts_the_client_off(stack: Stack) -> None:
+def test_upstream_reset_mid_response_cuts_the_client_off(stack: H2Stack) -> None:
     with socket.create_connection(("127.0.0.1", stack.proxy.port), timeout=5) as sock:
         sock.sendall(b"GET /reset-mid HTTP/1.1\r\nhost: users\r\n\r\n")
         received = b""

@@ -348,6 +348,11 @@ class H2Stack:
         """The listener."""
         return self.proxy.port
 
+    @property
+    def url(self) -> str:
+        """The listener's base URL."""
+        return self.proxy.url
+
 
 def h2_config(port: int, baseline: str, sandbox: str, **limits: Any) -> dict[str, Any]:
     """One inbound listener for service users, a session keyed ``sbx``."""
