@@ -36,7 +36,7 @@ from dataplane.http1.semantics import (
     plan_request,
 )
 from dataplane.http2.carrier import H2Carrier
-from dataplane.upstream import UpstreamConnection, UpstreamUser
+from dataplane.upstream import NO_TRAILERS, UpstreamConnection, UpstreamUser
 from filters import Address, Decision, RequestHead
 from filters.head import joined_fields
 
@@ -408,9 +408,6 @@ class Downstream(asyncio.Protocol):
             self.close()
 
 
-_NO_TRAILERS: list[tuple[bytes, bytes]] = []  # never changed: passed on only to be read
-
-
 class Exchange(UpstreamUser):
     """One request and its response, from the routing decision to the last byte."""
 
@@ -559,7 +556,7 @@ class Exchange(UpstreamUser):
         for data in pending:
             conn.send_body(data)
         if self.request_done:
-            conn.end_body(self._trailers or _NO_TRAILERS)
+            conn.end_body(self._trailers or NO_TRAILERS)
 
     def on_request_data(self, data: bytes) -> None:
         """Request body bytes from the client."""

@@ -54,7 +54,7 @@ class UpstreamUser:
 
 
 _IDLE, _HEAD, _BODY, _TUNNEL, _CLOSED = range(5)
-_NO_TRAILERS: list[tuple[bytes, bytes]] = []  # never changed: passed to users only to read
+NO_TRAILERS: list[tuple[bytes, bytes]] = []  # never changed: passed to users only to read
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -291,7 +291,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.user.on_response_data(rest if len(rest) == length else rest[:length])
         self._phase = _IDLE
         if self.user is not None:
-            self.user.on_response_end(_NO_TRAILERS)
+            self.user.on_response_end(NO_TRAILERS)
 
     def _make_decoder(self, plan: ResponsePlan) -> Decoder:
         if plan.body == BODY_NONE:

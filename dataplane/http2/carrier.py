@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Final
 from dataplane.errors import HttpError
 from dataplane.http1.semantics import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, ResponsePlan
 from dataplane.http2.engine import ErrorCodes, ProtocolError
-from dataplane.upstream import Pool, UpstreamConnection, UpstreamUser
+from dataplane.upstream import NO_TRAILERS, Pool, UpstreamConnection, UpstreamUser
 from filters import Address
 
 if TYPE_CHECKING:
@@ -34,7 +34,6 @@ if TYPE_CHECKING:
     from dataplane.http2.upstream import H2Upstream
     from dataplane.worker import WorkerState
 
-_NO_TRAILERS: list[tuple[bytes, bytes]] = []  # never changed: passed to users only to read
 # Framing is DATA frames; Expect: 100-continue is answered by the carrier itself.
 _NOT_SENT: Final = frozenset({b"transfer-encoding", b"expect"})
 _PHRASES: Final = {s.value: s.phrase.encode() for s in HTTPStatus}  # HTTP/2 has no reason phrase: the standard one
@@ -181,7 +180,7 @@ class H2Carrier(UpstreamConnection):
         if end:
             self.ended = True
             if self.user is not None:
-                self.user.on_response_end(_NO_TRAILERS)
+                self.user.on_response_end(NO_TRAILERS)
         elif self.user is not None:
             self.user.flush_response_head()
 
@@ -200,7 +199,7 @@ class H2Carrier(UpstreamConnection):
         """The response is complete (HTTP/2 trailers go out in the client's last chunk)."""
         self.ended = True
         if self.user is not None:
-            self.user.on_response_end(trailers or _NO_TRAILERS)
+            self.user.on_response_end(trailers or NO_TRAILERS)
 
     def on_up_reset(self, code: int, retryable: bool) -> None:
         """The stream was reset or the connection failed; ``retryable``: never processed."""

@@ -23,6 +23,7 @@ table as soon as both directions are closed or reset: the table holds open strea
 
 from __future__ import annotations
 
+import re
 import struct
 from typing import Final
 
@@ -37,7 +38,7 @@ _MAX_WINDOW: Final = 2**31 - 1
 _DEFAULT_WINDOW: Final = 65535
 _DEFAULT_FRAME_SIZE: Final = 16384
 _MAX_FRAME_SIZE: Final = 2**24 - 1
-_MAX_STREAM_ID: Final = 2**31 - 1
+MAX_STREAM_ID: Final = 2**31 - 1
 # At most this many frames (HEADERS and its CONTINUATIONs) carry one header block, as h2
 # allowed: the size limit alone would let empty CONTINUATION frames pile up without end.
 _CONTINUATION_BACKLOG: Final = 64
@@ -70,10 +71,16 @@ _MAX_HEADER_LIST_SIZE: Final = 6
 # The encoder's dynamic table never grows past this, whatever the peer allows (RFC 7541 §4.2
 # lets the encoder use less): a peer's huge HEADER_TABLE_SIZE costs it nothing in memory.
 _ENCODER_TABLE_CAP: Final = 4096
-# Connection-specific fields make a response malformed (RFC 9113 §8.2.2).
-_CONNECTION_SPECIFIC: Final = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
+# Connection-specific fields make a request or response malformed (RFC 9113 §8.2.2).
+CONNECTION_SPECIFIC: Final = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
                                          b"upgrade"})
 
+# RFC 9110 token, lower case only (RFC 9113 §8.2.1: upper case makes a message malformed).
+_NAME: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
+# Names that passed _NAME: a peer repeats a few, and a set lookup costs a fraction of the
+# match. Bounded: past this many, new names are matched every time.
+_KNOWN_NAMES: Final[set[bytes]] = set()
+_KNOWN_NAMES_MAX: Final = 512
 _FRAME_HEAD: Final = struct.Struct(">BHBBL")  # length (24 bits as 8 + 16), type, flags, stream id
 _U32: Final = struct.Struct(">L")
 _GOAWAY_HEAD: Final = struct.Struct(">LL")
@@ -264,7 +271,7 @@ class H2Engine:
         self._conn_recv_unacked = 0
         self._conn_send_window = _DEFAULT_WINDOW
         # The peer's settings.
-        self.remote_max_concurrent_streams = _MAX_STREAM_ID
+        self.remote_max_concurrent_streams = MAX_STREAM_ID
         self._send_initial_window = _DEFAULT_WINDOW
         self.max_outbound_frame_size = _DEFAULT_FRAME_SIZE
         # Header blocks.
@@ -315,7 +322,7 @@ class H2Engine:
 
     def get_next_available_stream_id(self) -> int:
         """The id the next stream we open gets (client side)."""
-        if self._next_stream_id > _MAX_STREAM_ID:
+        if self._next_stream_id > MAX_STREAM_ID:
             raise ProtocolError("stream ids exhausted")
         return self._next_stream_id
 
@@ -325,7 +332,7 @@ class H2Engine:
             raise ProtocolError("connection closed")
         stream = self.streams.get(stream_id)
         if stream is None:
-            if not self.client_side or stream_id != self._next_stream_id or stream_id > _MAX_STREAM_ID:
+            if not self.client_side or stream_id != self._next_stream_id or stream_id > MAX_STREAM_ID:
                 raise StreamClosedError("no open stream " + str(stream_id))
             if self.goaway_received:
                 raise ProtocolError("the peer sent GOAWAY: no new streams")
@@ -414,13 +421,9 @@ class H2Engine:
         """The final GOAWAY; nothing is sent after it."""
         if self.closed:
             return
-        last = self.last_inbound_stream_id() if last_stream_id is None else last_stream_id
+        last = self._highest_inbound if last_stream_id is None else last_stream_id
         self._frame(_GOAWAY, 0, 0, _GOAWAY_HEAD.pack(last, error_code))
         self.closed = True
-
-    def last_inbound_stream_id(self) -> int:
-        """The highest stream id the peer opened (0 on the client side: it opens none)."""
-        return self._highest_inbound
 
     # ------------------------------------------------------------------ flow control
 
@@ -563,7 +566,7 @@ class H2Engine:
                 raise _ConnectionError(ErrorCodes.FRAME_SIZE_ERROR, "GOAWAY shorter than 8 bytes")
             last, code = _GOAWAY_HEAD.unpack_from(payload)
             self.goaway_received = True
-            events.append(ConnectionTerminated(code, last & _MAX_STREAM_ID, payload[8:]))
+            events.append(ConnectionTerminated(code, last & MAX_STREAM_ID, payload[8:]))
         elif ftype == _CONTINUATION:
             raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "CONTINUATION without HEADERS")
         elif ftype == _PUSH_PROMISE:
@@ -798,11 +801,22 @@ def _response_status(headers: Headers) -> int:
             status = int(value)
             continue
         regular = True
-        if (not name.islower() and name != name.lower()) or name in _CONNECTION_SPECIFIC:
+        if name in CONNECTION_SPECIFIC or not valid_name(name):
             return -1
         if not valid_value(value):
             return -1
     return status
+
+
+def valid_name(name: bytes) -> bool:
+    """Whether a field name is a lower-case token (RFC 9110 §5.1, RFC 9113 §8.2.1)."""
+    if name in _KNOWN_NAMES:
+        return True
+    if _NAME.fullmatch(name) is None:
+        return False
+    if len(_KNOWN_NAMES) < _KNOWN_NAMES_MAX:
+        _KNOWN_NAMES.add(name)
+    return True
 
 
 def valid_value(value: bytes) -> bool:

@@ -1,4 +1,4 @@
-"""What both ends of an HTTP/2 hop share: an h2 connection on a transport, and data
+"""What both ends of an HTTP/2 hop share: an HTTP/2 engine on a transport, and data
 queued per stream until the peer's flow-control window and our write buffer allow it.
 
 Flow control is end to end, per stream: bytes received on one connection are acknowledged
@@ -18,7 +18,7 @@ import socket
 from collections import deque
 from typing import Protocol, cast
 
-from dataplane.http2.engine import ErrorCodes, H2Engine, Headers, ProtocolError
+from dataplane.http2.engine import ErrorCodes, H2Engine, Headers
 
 
 class Acknowledger(Protocol):
@@ -175,44 +175,42 @@ class H2Link(asyncio.Protocol):
         if queue is None or self.closed:
             return
         h2 = self.h2
-        chunks = queue.chunks
-        try:
-            while chunks and not self.write_paused:
-                data, sender, sender_stream, flow_len = chunks[0]
-                size = h2.sendable(stream_id)
-                if size < 0:
-                    raise ProtocolError("stream closed")
-                if len(data) > size:
-                    if size == 0:
-                        break
-                    h2.send_data(stream_id, data[:size])
-                    chunks[0] = (data[size:], sender, sender_stream, flow_len)
-                    self.flush()
-                    continue
-                chunks.popleft()
-                last = not chunks and queue.end and queue.trailers is None
-                if data or last:
-                    h2.send_data(stream_id, data, last)
-                    self.flush()
-                if sender is not None:
-                    sender.acknowledge(sender_stream, flow_len)
-                if last:
-                    del self._queues[stream_id]
-                    self.stream_sent(stream_id)
-                    return
-            if chunks or not queue.end or self.write_paused:
-                return
-            del self._queues[stream_id]
-            if queue.trailers is not None:
-                h2.send_headers(stream_id, queue.trailers, end_stream=True)
-            else:
-                h2.end_stream(stream_id)
-            self.flush()
-        except ProtocolError:
+        size = h2.sendable(stream_id)
+        if size < 0:
             # The stream was reset or closed meanwhile: nothing more can go on it.
             self.discard(stream_id)
-            self.flush()
             return
+        chunks = queue.chunks
+        while chunks and not self.write_paused:
+            data, sender, sender_stream, flow_len = chunks[0]
+            if len(data) > size:
+                if size == 0:
+                    return  # until the peer gives window
+                h2.send_data(stream_id, data[:size])
+                chunks[0] = (data[size:], sender, sender_stream, flow_len)
+                self.flush()
+                size = h2.sendable(stream_id)
+                continue
+            chunks.popleft()
+            last = not chunks and queue.end and queue.trailers is None
+            if data or last:
+                h2.send_data(stream_id, data, last)
+                self.flush()
+                size = h2.sendable(stream_id)
+            if sender is not None:
+                sender.acknowledge(sender_stream, flow_len)
+            if last:
+                del self._queues[stream_id]
+                self.stream_sent(stream_id)
+                return
+        if chunks or not queue.end or self.write_paused:
+            return
+        del self._queues[stream_id]
+        if queue.trailers is not None:
+            h2.send_headers(stream_id, queue.trailers, end_stream=True)
+        else:
+            h2.end_stream(stream_id)
+        self.flush()
         self.stream_sent(stream_id)
 
     def stream_sent(self, stream_id: int) -> None:

@@ -15,13 +15,14 @@ streams are cancelled; a client that does not read stops being read (``link.py``
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING, Final, Protocol
 
 from dataplane.deadline import Deadline
 from dataplane.errors import HttpError
 from dataplane.http2.bridge import H1Bridge
 from dataplane.http2.engine import (
+    CONNECTION_SPECIFIC,
+    MAX_STREAM_ID,
     ConnectionTerminated,
     DataReceived,
     ErrorCodes,
@@ -35,6 +36,7 @@ from dataplane.http2.engine import (
     StreamReset,
     TrailersReceived,
     WindowUpdated,
+    valid_name,
     valid_value,
 )
 from dataplane.http2.grpc import GRPC_DEADLINE_EXCEEDED, GRPC_UNAVAILABLE, parse_grpc_timeout, trailers_only
@@ -51,30 +53,9 @@ if TYPE_CHECKING:
     from dataplane.upstream import UpstreamConnection
     from dataplane.worker import WorkerState
 
-_MAX_STREAM_ID: Final = 2**31 - 1
-# RFC 9113 §8.2.2: connection-specific fields make a request malformed.
-_CONNECTION_SPECIFIC: Final = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
-                                  b"upgrade"})
 _PSEUDO: Final = frozenset({b":method", b":scheme", b":authority", b":path"})
-# RFC 9110 token, lower case only (RFC 9113 §8.2.1: upper case makes a request malformed).
-_NAME: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
-# Names that passed _NAME: most requests repeat a few, and a set lookup costs a tenth of the
-# match. Bounded: past this many, new names are matched every time.
-_KNOWN_NAMES: Final[set[bytes]] = set()
-_KNOWN_NAMES_MAX: Final = 512
 _GRPC_CONTENT_TYPE: Final = b"application/grpc"
 _TEXT_PLAIN: Final = b"text/plain; charset=utf-8"
-
-
-def _valid_name(name: bytes) -> bool:
-    """Whether a request field name is a lower-case token (RFC 9113 §8.2.1)."""
-    if name in _KNOWN_NAMES:
-        return True
-    if _NAME.fullmatch(name) is None:
-        return False
-    if len(_KNOWN_NAMES) < _KNOWN_NAMES_MAX:
-        _KNOWN_NAMES.add(name)
-    return True
 
 
 class StreamUpstream(Acknowledger, Protocol):
@@ -313,7 +294,7 @@ class H2Connection(H2Link):
         if not self.streams:
             self.close_with(ErrorCodes.NO_ERROR, self.last_stream_id)  # nothing in flight
             return
-        self.send_goaway(_MAX_STREAM_ID)
+        self.send_goaway(MAX_STREAM_ID)
         self.state.loop.call_later(self.state.limits.h2_goaway_grace_s, self._second_goaway)
 
     def _second_goaway(self) -> None:
@@ -403,7 +384,7 @@ class H2Stream(H2UpstreamUser):
                     raise _Malformed
                 continue
             regular = True
-            if (name in _CONNECTION_SPECIFIC or not _valid_name(name) or not valid_value(value)
+            if (name in CONNECTION_SPECIFIC or not valid_name(name) or not valid_value(value)
                     or (name == b"te" and value != b"trailers")):
                 raise _Malformed
             if name == b"content-length":
