@@ -11,17 +11,19 @@ import os
 
 from setuptools import setup
 
-# The per-request path of the HTTP/1.1 and HTTP/2 proxies and the routing decision (with
-# turnout's HTTP/2 engine and HPACK), and the HTTP/1.1 <-> HTTP/2 translation that subclasses
-# the HTTP/1.1 classes (an interpreted module cannot subclass a compiled class:
-# tests/unit/test_compiled_boundaries.py checks it).
+# The per-request path: both servers, the router, the upstream interface with both clients and
+# the pools, mirroring, the HTTP/1.1 codecs' validation and framing, turnout's HTTP/2 engine and
+# HPACK, and the routing decision. A class that subclasses a compiled class must be compiled
+# too (an interpreted module cannot: tests/unit/test_compiled_boundaries.py checks it).
 HOT_MODULES = [
     "dataplane/http1/scan.py", "dataplane/http1/semantics.py", "dataplane/http1/framing.py",
-    "dataplane/http1/codec.py", "dataplane/proxy.py", "dataplane/upstream.py", "dataplane/mirror.py",
-    "dataplane/metrics.py", "dataplane/deadline.py", "dataplane/http2/carrier.py", "dataplane/http2/bridge.py",
-    "dataplane/http2/hpack.py", "dataplane/http2/engine.py", "dataplane/http2/link.py", "dataplane/http2/server.py",
-    "dataplane/http2/upstream.py", "dataplane/http2/grpc.py", "filters/baggage.py", "filters/keys.py",
-    "filters/head.py", "filters/matchers.py", "filters/snapshot.py",
+    "dataplane/http1/codec.py", "dataplane/http1/server.py", "dataplane/http1/client.py",
+    "dataplane/http2/hpack.py", "dataplane/http2/engine.py", "dataplane/http2/link.py",
+    "dataplane/http2/server.py", "dataplane/http2/client.py", "dataplane/http2/grpc.py",
+    "dataplane/message.py", "dataplane/upstream.py", "dataplane/router.py", "dataplane/mirror.py",
+    "dataplane/upstreams.py", "dataplane/pool.py", "dataplane/outlier.py", "dataplane/runtime.py",
+    "dataplane/metrics.py", "dataplane/deadline.py",
+    "filters/baggage.py", "filters/keys.py", "filters/head.py", "filters/matchers.py", "filters/snapshot.py",
 ]
 
 if os.environ.get("TURNOUT_MYPYC") == "1":

@@ -1,4 +1,6 @@
-"""A small HTTP/1.1 server for admin endpoints, and a client for the workers' admin sockets.
+"""Admin endpoints: a small HTTP/1.1 server, a client for the workers' admin sockets, and
+``WorkerAdmin``, the endpoints one proxy answers (``/ready``, ``/metrics``,
+``/config_dump``, ``/explain``).
 
 Admin traffic is rare and small, so this uses asyncio streams and h11; the proxy's data
 path never goes through here.
@@ -8,11 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
 import h11
+
+from filters import RequestHead
+
+if TYPE_CHECKING:
+    from dataplane.proxy import Proxy
 
 Response = tuple[int, str, bytes]
 Handler = Callable[[str, str, dict[str, list[str]], bytes], Awaitable[Response]]
@@ -101,3 +109,69 @@ async def fetch_unix(path: str, method: str, target: str, body: bytes = b"", tim
         if name.strip().lower() == b"content-type":
             ctype = value.strip().decode("latin-1")
     return int(parts[1]), ctype, payload
+
+
+class WorkerAdmin:
+    """The admin endpoints of one proxy (a worker's, or the one-process proxy's)."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+
+    async def handle(self, method: str, path: str, query: dict[str, list[str]], body: bytes) -> Response:
+        """Answer one admin request."""
+        proxy = self.proxy
+        if path == "/ready":
+            ready = proxy.ready and not proxy.draining
+            return text_response(200 if ready else 503, "ready\n" if ready else "not ready\n")
+        if path == "/metrics":
+            return 200, "text/plain; version=0.0.4; charset=utf-8", proxy.metrics.exposition()
+        if path == "/config_dump":
+            return json_response(200, proxy.config_dump())
+        if path == "/explain":
+            return self.explain(query, body)
+        return text_response(404, "unknown admin path; try /ready /healthz /metrics /config_dump /explain\n")
+
+    def explain(self, query: dict[str, list[str]], body: bytes) -> Response:
+        """``/explain``: the routing decision for a described request, step by step, on the
+        sessions this proxy serves now (pushed ones included), and the state of the
+        destination it picks (ejected or not, the protocol it is spoken to in)."""
+        spec: Any = {}
+        if body:
+            try:
+                spec = json.loads(body)
+            except ValueError:
+                return text_response(400, "body must be JSON: {service, method, path, headers}\n")
+            if not isinstance(spec, dict):
+                return text_response(400, "body must be a JSON object\n")
+        service = spec.get("service") or (query.get("service") or [""])[0]
+        if not service:
+            return text_response(400, "give service=NAME (query) or {\"service\": ...} (JSON body)\n")
+        method = spec.get("method") or (query.get("method") or ["GET"])[0]
+        target = spec.get("path") or (query.get("path") or ["/"])[0]
+        pairs: list[tuple[str, str]] = []
+        headers = spec.get("headers") or {}
+        if isinstance(headers, dict):
+            pairs.extend((str(k), str(v)) for k, v in headers.items())
+        for item in query.get("header", []):
+            name, _, value = item.partition(":")
+            pairs.append((name.strip(), value.strip()))
+        proxy = self.proxy
+        runtime = proxy.runtime
+        head = RequestHead.from_pairs(str(method), str(target), pairs)
+        report = runtime.snapshot.explain(str(service), head, time.time())
+        decision = report["decision"]
+        if decision.get("kind") == "sandbox":
+            key = decision["destination"]
+            ejected = [o for o in proxy.upstreams.outliers.report(proxy.loop.time())
+                       if o["destination"] == key and o["ejected_for_s"] > 0]
+            if ejected:
+                fallback = decision.get("fallback")
+                decision["ejected"] = ejected[0]
+                report["outlier"] = (f"{key} is ejected for another {ejected[0]['ejected_for_s']:g} s after repeated "
+                                     f"failures ({ejected[0]['last_cause']}): "
+                                     + ("baseline answers" if fallback == "baseline" else "503 at once"))
+        listeners = [lst for lst in runtime.config.listeners if lst.mode == "outbound" or lst.service == service]
+        if listeners:
+            route_protocol = decision.get("upstream_protocol") if decision.get("kind") != "baseline" else None
+            report["upstream_protocol"] = route_protocol or listeners[0].upstream_protocol
+        return json_response(200, report)

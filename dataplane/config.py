@@ -96,7 +96,7 @@ class Limits:
     # Workers apply a validated push within this long, or the supervisor stops waiting
     # (and NACKs); a worker that missed one gets the whole set when it is back.
     control_plane_apply_timeout_s: float = 10.0
-    # --- HTTP/2 and gRPC (HARDENING.md, HTTP/2 table)
+    # --- HTTP/2 and gRPC
     # nginx's http2_max_concurrent_streams is 128. Advertised in SETTINGS; streams beyond
     # it get REFUSED_STREAM (only the excess fails, RFC 9113 §5.1.2).
     h2_max_concurrent_streams: int = 128
@@ -127,6 +127,16 @@ class Limits:
     # without data (min_recv_ping_interval_without_data); 20 s is gRPC's keepalive_timeout.
     h2_upstream_ping_interval_s: float = 300.0
     h2_upstream_ping_timeout_s: float = 20.0
+    # --- passive outlier detection of sandbox destinations
+    # Failures in a row that eject a sandbox (a timeout ejects at once: it already cost a
+    # caller the whole response timeout). Envoy's consecutive_5xx is 5; a sandbox is one
+    # developer's process, so fewer failures are enough to stop paying for it.
+    outlier_consecutive_failures: int = 3
+    # First ejection; each further one of the same destination doubles, up to the max.
+    # Envoy's base_ejection_time is 30 s; 10 s lets a restarted sandbox back in sooner.
+    outlier_base_ejection_s: float = 10.0
+    # Envoy's max_ejection_time default.
+    outlier_max_ejection_s: float = 300.0
 
 
 _LIMIT_FIELDS = {f.name: f for f in dataclasses.fields(Limits)}
@@ -160,8 +170,9 @@ class Listener:
     # outbound: authority (host[:port]) -> service name; unmapped authorities are their own name.
     authorities: Mapping[str, str] = field(default_factory=dict)
     tls: ListenerTls | None = None  # TLS with ALPN h2 / http/1.1 instead of cleartext
-    # How requests reach baseline: auto (the client's protocol) | http1 | http2 (filters.UPSTREAM_PROTOCOLS)
-    upstream_protocol: str = "auto"
+    # How requests reach its upstreams (baseline, and every route that does not say):
+    # http1 (as nginx and Envoy do) | http2 | auto (the client's protocol); gRPC always HTTP/2.
+    upstream_protocol: str = "http1"
     # outbound: authority -> (service, baseline), resolved once per authority, not per request
     _targets: dict[str, tuple[str, Address]] = field(default_factory=dict, compare=False, repr=False)
 
@@ -259,11 +270,25 @@ class ProxyConfig:
         if cp.state_path:
             return cp.state_path
         safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in self.node_id())
-        return os.path.join(DEFAULT_STATE_DIR, safe + ".state.json")
+        return os.path.join(default_state_dir(), safe + ".state.json")
 
 
-# A Kubernetes manifest mounts an emptyDir here, so a restarted container keeps its sessions.
-DEFAULT_STATE_DIR = "/var/lib/turnout"
+# The image creates this directory and the Kubernetes manifests mount an emptyDir on it, so
+# a restarted container keeps its sessions.
+SYSTEM_STATE_DIR = "/var/lib/turnout"
+
+
+def default_state_dir() -> str:
+    """``$TURNOUT_STATE_DIR``; else ``/var/lib/turnout`` when this user can write it (the
+    image, the manifests); else the user's own state directory (``$XDG_STATE_HOME/turnout``,
+    ``~/.local/state/turnout``), which a non-root user can always create."""
+    env = os.environ.get("TURNOUT_STATE_DIR")
+    if env:
+        return env
+    if os.path.isdir(SYSTEM_STATE_DIR) and os.access(SYSTEM_STATE_DIR, os.W_OK):
+        return SYSTEM_STATE_DIR
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "turnout")
 
 
 TOP_FIELDS = frozenset({"admin", "routing", "listeners", "sessions", "limits", "access_log", "control_plane",
@@ -469,7 +494,7 @@ def _listeners(spec: Any, problems: list[Problem]) -> tuple[Listener, ...]:
         else:
             problems.append(Problem(where + ".mode", "must be inbound or outbound"))
         tls = _listener_tls(item.get("tls"), where + ".tls", problems)
-        upstream_protocol = item.get("upstream_protocol", "auto")
+        upstream_protocol = item.get("upstream_protocol", "http1")
         if upstream_protocol not in UPSTREAM_PROTOCOLS:
             problems.append(Problem(where + ".upstream_protocol", "must be one of: " + ", ".join(UPSTREAM_PROTOCOLS)))
         if len(problems) == before and address is not None:

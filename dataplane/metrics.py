@@ -76,8 +76,11 @@ class Metrics:
                                          "Requests refused before routing, by cause", [*w, "cause"], registry=r)
         self.local_replies = Counter("turnout_local_replies", "Responses turnout made itself, by status",
                                      [*w, "status"], registry=r)
-        self.fallbacks = Counter("turnout_fallbacks", "Requests re-sent to baseline after a sandbox failed",
-                                 [*w, "service"], registry=r)
+        self.fallbacks = Counter("turnout_fallbacks", "Requests re-sent to baseline after a sandbox failed, "
+                                 "by the sandbox's failure", [*w, "service", "cause"], registry=r)
+        self.ejections = Counter("turnout_outlier_ejections", "Sandbox destinations ejected after repeated "
+                                 "failures (their fallback applies at once while ejected)", [*w, "service"],
+                                 registry=r)
         self.mirror = Counter("turnout_mirror_requests", "Mirrored copies by result", [*w, "result"], registry=r)
         self.grpc = Counter("turnout_grpc_responses", "gRPC calls by the grpc-status they ended with",
                             [*w, "service", "route", "grpc_status"], registry=r)
@@ -126,9 +129,13 @@ class Metrics:
         """A gRPC call ended with ``grpc_status`` (the upstream's, or one turnout made)."""
         self._child(self.grpc, service, route, grpc_status).inc()
 
-    def fallback(self, service: str) -> None:
-        """A sandbox failure was retried on baseline."""
-        self._child(self.fallbacks, service).inc()
+    def fallback(self, service: str, cause: str) -> None:
+        """A request whose sandbox failed (``cause``) was sent to baseline."""
+        self._child(self.fallbacks, service, cause).inc()
+
+    def outlier_ejection(self, service: str) -> None:
+        """A sandbox destination of ``service`` was ejected."""
+        self._child(self.ejections, service).inc()
 
     def mirror_sent(self, status: int) -> None:
         """A mirrored copy got an answer."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 import sys
 import time
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -31,9 +31,27 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from dataplane.config import OTLP_EXPORTER_MODULE, OTLP_EXPORTER_PACKAGE, Tracing
 
 if TYPE_CHECKING:
-    from dataplane.roles import FinishedRequest
+    from dataplane.message import Request
+    from filters import Address, Decision
 
 _TRACE_HEADERS = (b"traceparent", b"tracestate")
+
+
+class FinishedRequest(Protocol):
+    """What a span is made of: a finished exchange, as the router records it."""
+
+    request: Request
+    started_at: float  # time.perf_counter() when it arrived
+    service: str
+    route_kind: str  # baseline, sandbox or mirror
+    decision: Decision
+    destination: Address  # where it was sent last (baseline after a fallback)
+    status: int
+    fallback_cause: str  # why the sandbox's answer came from baseline, when it did
+
+    @property
+    def listener_mode(self) -> str:
+        """``inbound`` or ``outbound``."""
 
 
 def _json_line(span: ReadableSpan) -> str:
@@ -75,24 +93,25 @@ class RequestTracer:
     def finished(self, exchange: FinishedRequest, ended_at: float) -> None:
         """Record one finished request; ``ended_at`` is on the ``time.perf_counter()`` clock."""
         carrier: dict[str, str] = {}
-        for name, value in exchange.plan.headers:
+        request = exchange.request
+        for name, value in request.fields:
             if name in _TRACE_HEADERS:
                 key = name.decode("latin-1")
                 # Repeated lines combine as one list (RFC 9110), which is what tracestate means.
                 carrier[key] = carrier[key] + "," + value.decode("latin-1") if key in carrier \
                     else value.decode("latin-1")
         parent = self._propagator.extract(carrier) if carrier else None
-        method = exchange.plan.method.decode("latin-1")
+        method = request.method.decode("latin-1")
         # A sidecar's inbound listener serves the request (SERVER); a node's outbound
         # listener makes it on the app's behalf (CLIENT), as Envoy reports them.
-        kind = SpanKind.CLIENT if exchange.conn.listener.mode == "outbound" else SpanKind.SERVER
+        kind = SpanKind.CLIENT if exchange.listener_mode == "outbound" else SpanKind.SERVER
         span = self._tracer.start_span(
             method, context=parent, kind=kind,
             start_time=int(exchange.started_at * 1e9) + self._wall_offset_ns,
         )
         if span.is_recording():
             decision = exchange.decision
-            target = exchange.plan.target.decode("latin-1")
+            target = request.target.decode("latin-1")
             # Only the path: query strings carry tokens, and share links carry routing keys.
             span.set_attributes({
                 "http.request.method": method,
@@ -101,8 +120,10 @@ class RequestTracer:
                 "turnout.route": exchange.route_kind,
                 "turnout.service": exchange.service,
                 "turnout.destination": str(exchange.destination),
-                "turnout.fallback": exchange.fallback_used,
+                "turnout.fallback": bool(exchange.fallback_cause),
             })
+            if exchange.fallback_cause:
+                span.set_attribute("turnout.fallback_cause", exchange.fallback_cause)
             if decision.session_id:
                 span.set_attribute("turnout.session", decision.session_id)
             if exchange.status >= 500:

@@ -13,7 +13,7 @@ A session is one isolated test context. Its JSON/YAML form::
         destination: 10.0.0.5:8080
         mode: steal              # steal | mirror
         fallback: baseline       # baseline | error
-        upstream_protocol: auto  # auto | http1 | http2 (see UPSTREAM_PROTOCOLS)
+        upstream_protocol: http2 # http1 | http2 | auto; absent: the listener's
         priority: 0              # higher wins among overlapping filter-only routes
         match: {header: {name: x-user, exact: alice}}
 
@@ -37,9 +37,9 @@ from filters.matchers import Matcher, MatchLimits, parse_match
 
 MODES = ("steal", "mirror")
 FALLBACKS = ("baseline", "error")
-# How a route's requests reach its destination: ``auto`` in the client's own protocol,
-# ``http1`` HTTP/2 requests translated to HTTP/1.1, ``http2`` every request over HTTP/2.
-# gRPC always goes HTTP/2 end to end.
+# How requests reach an upstream: ``http1`` (a listener's default, as nginx and Envoy do),
+# ``http2`` every request over HTTP/2 (cleartext, prior knowledge), ``auto`` in the client's
+# own protocol. A route without one follows its listener. gRPC always goes HTTP/2.
 UPSTREAM_PROTOCOLS = ("auto", "http1", "http2")
 
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -121,7 +121,7 @@ class Route:
     fallback: str = "baseline"
     match: Matcher | None = None
     priority: int = 0
-    upstream_protocol: str = "auto"
+    upstream_protocol: str = ""  # "": the listener's; else one of UPSTREAM_PROTOCOLS
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form, as accepted by ``parse_session``."""
@@ -132,7 +132,7 @@ class Route:
             "fallback": self.fallback,
             "priority": self.priority,
         }
-        if self.upstream_protocol != "auto":
+        if self.upstream_protocol:
             out["upstream_protocol"] = self.upstream_protocol
         if self.match is not None:
             out["match"] = self.match.to_spec()
@@ -345,8 +345,8 @@ def _parse_route(
     fallback = spec.get("fallback", "baseline")
     if fallback not in FALLBACKS:
         fail(where + ".fallback", "must be one of: " + ", ".join(FALLBACKS))
-    upstream_protocol = spec.get("upstream_protocol", "auto")
-    if upstream_protocol not in UPSTREAM_PROTOCOLS:
+    upstream_protocol = spec.get("upstream_protocol", "")
+    if upstream_protocol != "" and upstream_protocol not in UPSTREAM_PROTOCOLS:
         fail(where + ".upstream_protocol", "must be one of: " + ", ".join(UPSTREAM_PROTOCOLS))
     priority = _parse_priority(spec.get("priority", default_priority), where + ".priority", fail)
     match = None

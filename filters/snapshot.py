@@ -40,16 +40,15 @@ class Decision:
     """Where one request goes. Built once per route at compile time, shared by requests.
 
     ``kind`` is ``baseline``, ``sandbox`` (steal) or ``mirror`` (baseline answers, a copy
-    goes to ``destination``); ``upstream_protocol`` is the route's (``auto`` for baseline:
-    the listener's applies).
+    goes to ``destination``); ``upstream_protocol`` is the route's (empty: the listener's
+    applies, as it always does for baseline).
     """
 
-    __slots__ = ("kind", "session_id", "destination", "mode", "fallback", "service", "upstream_protocol",
-                 "upstream_http2")
+    __slots__ = ("kind", "session_id", "destination", "mode", "fallback", "service", "upstream_protocol")
 
     def __init__(self, kind: str, session_id: str | None = None, destination: Address | None = None,
                  mode: str | None = None, fallback: str | None = None, service: str | None = None,
-                 upstream_protocol: str = "auto") -> None:
+                 upstream_protocol: str = "") -> None:
         self.kind = kind
         self.session_id = session_id
         self.destination = destination
@@ -57,7 +56,6 @@ class Decision:
         self.fallback = fallback
         self.service = service
         self.upstream_protocol = upstream_protocol
-        self.upstream_http2 = upstream_protocol == "http2"  # read per request: decided once per route
 
     def __repr__(self) -> str:
         if self.kind == "baseline":
@@ -74,7 +72,7 @@ class Decision:
             "destination": str(self.destination),
             "mode": self.mode,
             "fallback": self.fallback,
-            "upstream_protocol": self.upstream_protocol,
+            "upstream_protocol": self.upstream_protocol or None,  # None: the listener's
         }
 
 

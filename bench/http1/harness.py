@@ -9,13 +9,13 @@ Usage (from the repository root)::
     .venv/bin/python -m bench.http1.harness --show               # the bytes each side sees
     .venv/bin/python -m bench.http1.harness --codec h11
 
-It builds a real ``WorkerState`` from the same rules as ``bench/http1/turnout.yaml`` (one
-inbound listener for service ``bench``; session ``bench`` routes baggage
-``turnout-session=bench`` to the sandbox), opens ``--connections`` client connections
-(``Downstream``) and pools as many upstream connections (``UpstreamConnection``) per
+It builds a real ``Proxy`` (its router, upstreams and runtime) from the same rules as
+``bench/http1/turnout.yaml`` (one inbound listener for service ``bench``; session ``bench``
+routes baggage ``turnout-session=bench`` to the sandbox), opens ``--connections`` client
+connections (``H1Server``) and pools as many upstream connections (``H1Client``) per
 destination, all on fake transports. Each request: the client's head goes into
-``Downstream.data_received``; the head the proxy writes upstream is answered with an
-nginx-like 100-byte Content-Length response through ``UpstreamConnection.data_received``;
+``H1Server.data_received``; the head the proxy writes upstream is answered with an
+nginx-like 100-byte Content-Length response through ``H1Client.data_received``;
 the client's response is checked on the first requests. Connections are used round robin,
 keep-alive, so the pool, the timers and the metrics run as under wrk.
 
@@ -44,9 +44,9 @@ from typing import Any
 import uvloop
 
 from dataplane.config import parse_config_text
-from dataplane.proxy import Downstream
-from dataplane.upstream import UpstreamConnection
-from dataplane.worker import WorkerState
+from dataplane.http1.client import H1Client
+from dataplane.http1.server import H1Server
+from dataplane.proxy import Proxy
 
 BASELINE_PORT = 18080
 SANDBOX_PORT = 18081
@@ -146,40 +146,41 @@ class FakeTransport:
 
 
 class Harness:
-    """A worker state with client connections and a warm upstream pool, all fake."""
+    """A proxy with client connections and a warm upstream pool, all fake."""
 
     def __init__(self, codec: str, connections: int) -> None:
         self.loop = uvloop.new_event_loop()
         asyncio.set_event_loop(self.loop)
         config = parse_config_text(CONFIG, "harness")
-        self.state = WorkerState(config, codec, self.loop, "0")
+        self.proxy = proxy = Proxy(config, codec, self.loop, "0")
         listener = config.listeners[0]
-        self.clients: list[tuple[Downstream, FakeTransport]] = []
+        self.clients: list[tuple[H1Server, FakeTransport]] = []
         for i in range(connections):
-            down = Downstream(self.state, listener)
+            down = H1Server(proxy.router, proxy.connections, listener)
             transport = FakeTransport((f"10.0.0.{i % 250 + 1}", 40000 + i))
             down.connection_made(transport)  # type: ignore[arg-type]
             self.clients.append((down, transport))
         # The upstream whose transport was written to last: the one to answer.
-        self.pending: UpstreamConnection | None = None
-        pool = self.state.pool
+        self.pending: H1Client | None = None
+        upstreams = proxy.upstreams
+        runtime = proxy.runtime
         for port in (BASELINE_PORT, SANDBOX_PORT):
             address = config.snapshot.sessions[0].routes[0].destination
             address = type(address)(address.host, port)
             for _ in range(connections):
-                conn = UpstreamConnection(pool, address)
+                conn = H1Client(upstreams, address, runtime.limits, runtime.codec)
                 up_transport = FakeTransport(("127.0.0.1", port))
                 up_transport.on_write = self._marker(conn)
                 conn.connection_made(up_transport)  # type: ignore[arg-type]
-                pool._all.add(conn)
-                pool.release(conn)
+                upstreams.h1.add(conn)
+                upstreams.release(conn)
 
-    def _marker(self, conn: UpstreamConnection) -> Any:
+    def _marker(self, conn: H1Client) -> Any:
         def wrote() -> None:
             self.pending = conn
         return wrote
 
-    def one(self, down: Downstream, request: bytes) -> UpstreamConnection:
+    def one(self, down: H1Server, request: bytes) -> H1Client:
         """One request through the proxy; returns the upstream connection it used."""
         down.data_received(request)
         up = self.pending

@@ -3,7 +3,7 @@
 ``plan_request`` and ``plan_response`` take a parsed head and return what the proxy will
 do with the message: how its body is framed, whether the connection stays open, and the
 header fields to forward (rebuilt from parsed fields, never the raw head). Anything a
-second parser could read differently is refused (RFC 9112 section 6.3, HARDENING.md).
+second parser could read differently is refused (RFC 9112 section 6.3).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import re
 
 from dataplane.errors import HttpError
 from dataplane.http1.codec import RequestHead1, ResponseHead1
+from dataplane.message import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, BODY_UNTIL_CLOSE, Request, Response, field_lines
 
 # Removed before forwarding in either direction (RFC 9110 section 7.6.1, and what Envoy
 # strips): they describe one hop, not the message.
@@ -30,46 +31,6 @@ _RARE_IN_REQUESTS = frozenset({b"transfer-encoding", b"upgrade", b"expect"})
 # host [":" port], host being a reg-name, IPv4 or [IPv6] (RFC 3986 section 3.2.2).
 _AUTHORITY = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]+)(?::[0-9]{0,5})?")
 
-BODY_NONE, BODY_LENGTH, BODY_CHUNKED, BODY_UNTIL_CLOSE = 0, 1, 2, 3
-
-
-class RequestPlan:
-    """A validated request: how to frame and route it and what to forward."""
-
-    __slots__ = ("method", "target", "version", "authority", "headers", "body", "content_length",
-                 "keep_alive", "expect_continue", "websocket", "fields")
-
-    def __init__(self, method: bytes, target: bytes, version: bytes, authority: bytes,
-                 headers: list[tuple[bytes, bytes]], body: int, content_length: int, keep_alive: bool,
-                 expect_continue: bool, websocket: bool, fields: dict[bytes, bytes] | None = None) -> None:
-        self.method = method
-        self.target = target  # origin-form
-        self.version = version
-        self.authority = authority  # Host, or the absolute-form authority
-        self.headers = headers  # forwardable fields, names lower-case, Host included
-        self.body = body
-        self.content_length = content_length
-        self.keep_alive = keep_alive
-        self.expect_continue = expect_continue
-        self.websocket = websocket
-        self.fields = fields  # ``headers`` by name when no name repeats and they were kept as parsed, else None
-
-
-class ResponsePlan:
-    """A validated upstream response; ``fields`` are the forwardable field lines, ready to send."""
-
-    __slots__ = ("status", "reason", "fields", "body", "content_length", "keep_alive")
-
-    def __init__(self, status: int, reason: bytes, fields: bytes, body: int,
-                 content_length: int, keep_alive: bool) -> None:
-        self.status = status
-        self.reason = reason
-        self.fields = fields  # b"name: value\r\n" for each, hop-by-hop fields removed
-        self.body = body
-        self.content_length = content_length
-        self.keep_alive = keep_alive
-
-
 def _tokens(value: bytes) -> list[bytes]:
     single = _SINGLE_TOKENS.get(value)
     if single is not None:
@@ -85,7 +46,7 @@ def _bad(reason: str, cause: str = "bad_request") -> HttpError:
     return HttpError(400, reason, cause)
 
 
-def plan_request(head: RequestHead1) -> RequestPlan:
+def plan_request(head: RequestHead1) -> Request:
     """Validate a request head; raises ``HttpError`` (400, 417, 501, 505) when refused."""
     method = head.method
     version = head.version
@@ -184,8 +145,8 @@ def plan_request(head: RequestHead1) -> RequestPlan:
         forward.append((b"upgrade", upgrade))  # type: ignore[arg-type]
     if expect_continue:
         forward.append((b"expect", b"100-continue"))
-    return RequestPlan(method, target, version, authority, forward, body, content_length, keep_alive,
-                       expect_continue, websocket, forwarded_fields)
+    return Request(method, target, version, authority, forward, body, content_length, keep_alive,
+                   expect_continue, websocket, forwarded_fields)
 
 
 def _absolute_form(target: bytes) -> tuple[bytes, bytes]:
@@ -233,25 +194,28 @@ def _request_framing(lengths: list[bytes], codings: list[bytes], version: bytes)
     return BODY_NONE, 0
 
 
-def plan_response(head: ResponseHead1, request_method: bytes) -> ResponsePlan:
+def plan_response(head: ResponseHead1, request_method: bytes) -> Response:
     """Validate an upstream response head; raises ``HttpError`` (502) when refused."""
     lengths: list[bytes] = []
     codings: list[bytes] = []
     connection: list[bytes] = []
-    lines = []
-    # One pass: classify and format.
-    for name, value in head.headers:
+    headers = head.headers
+    fields = headers
+    # One pass: classify; the forwarded list is copied only when something is dropped.
+    for i, (name, value) in enumerate(headers):
         if name in _FRAMING_OR_HOP:
             if name == b"content-length":
-                lengths.append(value)
+                lengths.append(value)  # forwarded: the body is passed on as it came
             else:
                 if name == b"transfer-encoding":
                     codings.append(value)
                 elif name == b"connection":
                     connection.extend(_tokens(value))
+                if fields is headers:
+                    fields = headers[:i]
                 continue
-        lines.append(name + b": " + value + b"\r\n")
-    block = b"".join(lines)
+        if fields is not headers:
+            fields.append((name, value))
     status = head.status
     if codings and lengths:
         raise HttpError(502, "upstream sent both Content-Length and Transfer-Encoding", "upstream_bad_framing")
@@ -275,12 +239,5 @@ def plan_response(head: ResponseHead1, request_method: bytes) -> ResponsePlan:
     if connection and not _CONNECTION_OPTIONS.issuperset(connection):
         # Fields the Connection header names are removed too (rare: a second pass).
         drop = HOP_BY_HOP.union(connection)
-        block = b"".join([n + b": " + v + b"\r\n" for n, v in head.headers if n not in drop])
-    return ResponsePlan(status, head.reason, block, body, content_length, keep_alive)
-
-
-def field_lines(fields: list[tuple[bytes, bytes]]) -> bytes:
-    """``name: value`` CRLF for every field, as one buffer (joined in C)."""
-    if not fields:
-        return b""
-    return b"\r\n".join(map(b": ".join, fields)) + b"\r\n"
+        fields = [f for f in headers if f[0] not in drop]
+    return Response(status, head.reason, fields, body, content_length, field_lines(fields), keep_alive)

@@ -27,13 +27,13 @@ def parse_grpc_timeout(value: bytes) -> float | None:
 
 
 def trailers_only(code: bytes, message: str, error: bytes) -> list[tuple[bytes, bytes]]:
-    """The headers of a trailers-only reply carrying ``grpc-status`` ``code``.
+    """The fields of a trailers-only reply (``:status 200`` goes before them) carrying
+    ``grpc-status`` ``code``.
 
     ``grpc-message`` is percent-encoded as the spec requires; ``x-turnout-error`` carries the
     same machine-readable cause as HTTP/1.1 replies.
     """
     return [
-        (b":status", b"200"),
         (b"content-type", b"application/grpc"),
         (b"grpc-status", code),
         (b"grpc-message", quote(message, safe=" !#$&'()*+,/:;=?@[]").encode("ascii")),

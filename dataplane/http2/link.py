@@ -1,10 +1,10 @@
 """What both ends of an HTTP/2 hop share: an HTTP/2 engine on a transport, and data
 queued per stream until the peer's flow-control window and our write buffer allow it.
 
-Flow control is end to end, per stream: bytes received on one connection are acknowledged
-to their sender on their stream (which opens that stream's window again) only once the other
-connection's transport has taken them. A peer that stops reading therefore stops the peer
-that writes, and the proxy holds at most one stream window per stream in between. The
+Flow control is end to end, per stream: when queued bytes go out, ``data_sent`` tells the
+subclass, which tells the other side of the exchange, which gives the bytes back to its own
+sender (opening that stream's window again). A peer that stops reading therefore stops the
+peer that writes, and the proxy holds at most one stream window per stream in between. The
 connection's own window is opened again as soon as DATA arrives (as Envoy does; the engine
 does it): the stream windows bound what is held, and one stream whose reader is slow (one
 client that does not read, sharing an upstream connection with everyone else) never stalls
@@ -16,16 +16,9 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections import deque
-from typing import Protocol, cast
+from typing import cast
 
 from dataplane.http2.engine import ErrorCodes, H2Engine, Headers
-
-
-class Acknowledger(Protocol):
-    """Where bytes came from: told once they were passed on, so it lets its sender send more."""
-
-    def acknowledge(self, stream_id: int, flow_len: int) -> None:
-        """``flow_len`` bytes received on ``stream_id`` were taken."""
 
 
 class _Outbound:
@@ -34,8 +27,8 @@ class _Outbound:
     __slots__ = ("chunks", "end", "trailers")
 
     def __init__(self) -> None:
-        # [data, sender link, sender stream id, flow-controlled length to acknowledge]
-        self.chunks: deque[tuple[bytes, Acknowledger | None, int, int]] = deque()
+        # [data, flow-controlled length to report through data_sent once it went out]
+        self.chunks: deque[tuple[bytes, int]] = deque()
         self.end = False
         self.trailers: Headers | None = None
 
@@ -129,14 +122,13 @@ class H2Link(asyncio.Protocol):
         if self.h2.acknowledge(stream_id, flow_len):
             self.flush()
 
-    def queue_data(self, stream_id: int, data: bytes, sender: Acknowledger | None, sender_stream: int,
-                   flow_len: int) -> None:
-        """Send ``data`` on ``stream_id`` when window and buffer allow; then acknowledge it
-        to ``sender`` (the connection it came from)."""
+    def queue_data(self, stream_id: int, data: bytes, flow_len: int) -> None:
+        """Send ``data`` on ``stream_id`` when window and buffer allow; ``data_sent(stream_id,
+        flow_len)`` follows once it went out."""
         queue = self._queues.get(stream_id)
         if queue is None:
             queue = self._queues[stream_id] = _Outbound()
-        queue.chunks.append((data, sender, sender_stream, flow_len))
+        queue.chunks.append((data, flow_len))
         self.pump(stream_id)
 
     def queue_end(self, stream_id: int, trailers: Headers | None) -> None:
@@ -153,13 +145,9 @@ class H2Link(asyncio.Protocol):
         return stream_id in self._queues
 
     def discard(self, stream_id: int) -> None:
-        """Drop what is queued for a stream, still crediting the senders' connection windows."""
-        queue = self._queues.pop(stream_id, None)
-        if queue is None:
-            return
-        for _, sender, sender_stream, flow_len in queue.chunks:
-            if sender is not None:
-                sender.acknowledge(sender_stream, flow_len)
+        """Drop what is queued for a stream (its window no longer matters: the stream is over,
+        and connection windows reopen as DATA arrives, not as it is passed on)."""
+        self._queues.pop(stream_id, None)
 
     def pump_all(self) -> None:
         """Send what the windows allow on every stream that has something queued."""
@@ -182,12 +170,12 @@ class H2Link(asyncio.Protocol):
             return
         chunks = queue.chunks
         while chunks and not self.write_paused:
-            data, sender, sender_stream, flow_len = chunks[0]
+            data, flow_len = chunks[0]
             if len(data) > size:
                 if size == 0:
                     return  # until the peer gives window
                 h2.send_data(stream_id, data[:size])
-                chunks[0] = (data[size:], sender, sender_stream, flow_len)
+                chunks[0] = (data[size:], flow_len)
                 self.flush()
                 size = h2.sendable(stream_id)
                 continue
@@ -197,8 +185,8 @@ class H2Link(asyncio.Protocol):
                 h2.send_data(stream_id, data, last)
                 self.flush()
                 size = h2.sendable(stream_id)
-            if sender is not None:
-                sender.acknowledge(sender_stream, flow_len)
+            if flow_len:
+                self.data_sent(stream_id, flow_len)
             if last:
                 del self._queues[stream_id]
                 self.stream_sent(stream_id)
@@ -212,6 +200,9 @@ class H2Link(asyncio.Protocol):
             h2.end_stream(stream_id)
         self.flush()
         self.stream_sent(stream_id)
+
+    def data_sent(self, stream_id: int, flow_len: int) -> None:
+        """Data queued on ``stream_id`` with ``flow_len`` went out: credit whoever sent it."""
 
     def stream_sent(self, stream_id: int) -> None:
         """Everything for ``stream_id`` was handed to the transport, end included."""

@@ -255,7 +255,8 @@ def test_config_dump_has_listeners_limits_sessions_and_workers(admin_stack: Admi
     config = dump["config"]
     (listener,) = config["listeners"]
     assert listener == {"name": "users-in", "address": f"127.0.0.1:{admin_stack.port}", "mode": "inbound",
-                        "service": "users", "baseline": admin_stack.baseline.address, "authorities": {}}
+                        "service": "users", "baseline": admin_stack.baseline.address, "authorities": {},
+                        "upstream_protocol": "http1", "tls": False}
     assert config["limits"]["upstream_connect_timeout_s"] == 2.0
     assert config["limits"]["upstream_response_timeout_s"] == 5.0
     assert config["limits"]["max_connections_per_worker"] == 4096  # defaults are shown too

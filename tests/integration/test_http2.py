@@ -355,10 +355,10 @@ class H2Stack:
 
 
 def h2_config(port: int, baseline: str, sandbox: str, **limits: Any) -> dict[str, Any]:
-    """One inbound listener for service users, a session keyed ``sbx``."""
+    """One inbound listener for service users (its upstreams speak HTTP/2), a session keyed ``sbx``."""
     return {
         "routing": {"debug_headers": True},
-        "listeners": [inbound("users-in", port, "users", baseline)],
+        "listeners": [{**inbound("users-in", port, "users", baseline), "upstream_protocol": "http2"}],
         "limits": {"upstream_connect_timeout_s": 2.0, "upstream_response_timeout_s": 3.0, **limits},
         "sessions": [{"id": "sbx-1", "key": "sbx", "routes": [{"service": "users", "destination": sandbox}]}],
     }
@@ -421,9 +421,11 @@ def test_curl_post_body_and_http1_on_the_same_port(hstack: H2Stack) -> None:
                           f"http://127.0.0.1:{hstack.port}/upload"], input=body, capture_output=True,
                          timeout=10, check=True).stdout
     assert json.loads(out)["body_bytes"] == len(body)
-    # HTTP/1.1 on the same listener still goes through the HTTP/1.1 path (and its pool).
+    # HTTP/1.1 on the same listener: the listener says its upstreams speak HTTP/2, so they are
+    # spoken to in HTTP/2 whatever the client speaks.
     reply = raw_exchange(hstack.port, b"GET /x HTTP/1.1\r\nHost: users\r\nConnection: close\r\n\r\n")
-    assert parse_responses(reply)[0].status in (502, 503)  # the baseline speaks only HTTP/2
+    response = parse_responses(reply)[0]
+    assert response.status == 200 and json.loads(response.body)["upstream"] == "baseline"
 
 
 def test_sniffer_hands_http1_to_the_http1_path(tmp_path: Path) -> None:
@@ -793,7 +795,7 @@ def test_outbound_listener_routes_by_authority(tmp_path: Path) -> None:
         port = free_port()
         config = {
             "listeners": [{"name": "egress", "address": f"127.0.0.1:{port}", "mode": "outbound",
-                           "authorities": {baseline.address: "users"}}],
+                           "authorities": {baseline.address: "users"}, "upstream_protocol": "http2"}],
             "sessions": [{"id": "sbx-1", "key": "sbx", "routes": [{"service": "users",
                                                                    "destination": sandbox.address}]}],
         }

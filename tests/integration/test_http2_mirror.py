@@ -37,7 +37,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     baseline, sandbox, sandbox_h1 = H2Upstream("baseline"), H2Upstream("sandbox"), RecordingUpstream("sandbox-h1")
     cfg: dict[str, Any] = {
         "routing": {"debug_headers": True},
-        "listeners": [inbound("users-in", free_port(), "users", baseline.address)],
+        "listeners": [{**inbound("users-in", free_port(), "users", baseline.address), "upstream_protocol": "http2"}],
         "limits": {"mirror_max_body_bytes": 4096},
         "sessions": [
             {"id": "mirror-h2", "key": "m2",

@@ -403,7 +403,7 @@ def test_auto_keeps_http2_upstream_and_explain_shows_the_protocol(tmp_path: Path
     sandbox = RecordingUpstream("sandbox")
     try:
         cfg = config(free_port(), baseline.address, sandbox.address)
-        del cfg["listeners"][0]["upstream_protocol"]  # auto: HTTP/2 clients go HTTP/2
+        cfg["listeners"][0]["upstream_protocol"] = "auto"  # the client's protocol: HTTP/2 clients go HTTP/2
         with running_proxy(cfg, tmp_path) as proxy:
             c = H2Client(proxy.port)
             try:

@@ -927,19 +927,22 @@ def test_workers_exit_when_the_supervisor_is_killed(tmp_path: Path, upstreams: l
         except OSError:
             return False
 
+    # Workers are found by their parent: they never read the config file, so its path is not
+    # on their command line.
+    workers_of = f"--parent-pid {process.pid} "
     try:
         assert wait_until(ready, 20), (tmp_path / "orphan.log").read_text()
-        assert len(pids_running_with(str(path))) == 3
+        assert len(pids_running_with(str(path))) == 1 and len(pids_running_with(workers_of)) == 2
         assert not refused(port)
         process.kill()
         process.wait(5)
-        stray = wait_until(lambda: not pids_running_with(str(path)), 8) or pids_running_with(str(path))
+        stray = wait_until(lambda: not pids_running_with(workers_of), 8) or pids_running_with(workers_of)
         assert stray is True, f"workers {stray} kept serving after the supervisor was SIGKILLed (orphans)"
     finally:
         if process.poll() is None:
             process.kill()
             process.wait(5)
-        kill_pids(pids_running_with(str(path)))
+        kill_pids(pids_running_with(workers_of))
 
 
 # ---------------------------------------------------------------------------- access log

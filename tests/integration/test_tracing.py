@@ -2,7 +2,7 @@
 
 The proxy runs as a subprocess with the console exporter writing JSON lines to a file; the
 spans are read after a SIGTERM, when the worker's exit has flushed its batch. The in-memory
-exporter is exercised in-process on a real ``WorkerState``.
+exporter is exercised in-process on a real ``Proxy`` (its router records finished requests).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any, cast
 import pytest
 
 from dataplane.config import OTLP_EXPORTER_MODULE, OTLP_EXPORTER_PACKAGE, parse_config, parse_config_text
+from dataplane.proxy import Proxy
 from dataplane.tracing import RequestTracer
-from dataplane.worker import WorkerState
 from filters import ValidationError, parse_address
 from tests.integration.support import closed_port, free_port, inbound, raw_exchange, running_proxy
 
@@ -125,33 +125,34 @@ def test_sampling_ratio_zero_exports_nothing(tmp_path: Path, upstream_pair) -> N
     assert all(r.header("traceparent") == TRACEPARENT.decode() for r in sandbox.requests)
 
 
-def _exchange(state: WorkerState, headers: list[tuple[bytes, bytes]], status: int = 200) -> Any:
-    # What request_finished reads from an Exchange, filled as the proxy fills it.
+def _exchange(proxy: Proxy, headers: list[tuple[bytes, bytes]], status: int = 200) -> Any:
+    # What Router.finished reads from an Exchange, filled as the router fills it.
     return cast(Any, SimpleNamespace(
-        plan=SimpleNamespace(headers=headers, method=b"POST", target=b"/orders/7?x=1"),
-        started_at=state.clock() - 0.25, status=status, route_kind="sandbox", service="orders",
-        destination=parse_address("10.1.2.3:8080"), fallback_used=False, grpc_status=b"",
-        decision=SimpleNamespace(session_id="s-1"), conn=SimpleNamespace(listener=SimpleNamespace(mode="outbound")),
+        request=SimpleNamespace(fields=headers, method=b"POST", target=b"/orders/7?x=1"), rt=proxy.runtime,
+        started_at=proxy.router.clock() - 0.25, status=status, route_kind="sandbox", service="orders",
+        destination=parse_address("10.1.2.3:8080"), fallback_cause="", grpc_status=b"", peer=b"10.0.0.1",
+        decision=SimpleNamespace(session_id="s-1"), listener_mode="outbound", bytes_out=0,
     ))
 
 
-def _state(tracing: dict[str, Any] | None) -> WorkerState:
+def _proxy(tracing: dict[str, Any] | None) -> Proxy:
     spec: dict[str, Any] = {"listeners": [inbound("in", free_port(), "orders", "127.0.0.1:1")]}
     if tracing is not None:
         spec["tracing"] = tracing
     loop = asyncio.new_event_loop()
     try:
-        return WorkerState(parse_config(spec), "h11", loop)
+        return Proxy(parse_config(spec), "h11", loop)
     finally:
         loop.close()
 
 
 def test_memory_exporter_span_times_and_parent() -> None:
-    state = _state({"exporter": "memory"})
-    assert state.tracer is not None
+    proxy = _proxy({"exporter": "memory"})
+    tracer = proxy.runtime.tracer
+    assert tracer is not None
     wall_before = time.time_ns()
-    state.request_finished(_exchange(state, [(b"host", b"orders"), (b"traceparent", TRACEPARENT)], status=503))
-    (span,) = state.tracer.finished_spans()
+    proxy.router.finished(_exchange(proxy, [(b"host", b"orders"), (b"traceparent", TRACEPARENT)], status=503))
+    (span,) = tracer.finished_spans()
     assert f"{span.context.trace_id:032x}" == TRACE_ID
     assert span.parent is not None and f"{span.parent.span_id:016x}" == PARENT_ID and span.parent.is_remote
     assert span.kind.name == "CLIENT"  # an outbound (node) listener makes the request for the app
@@ -164,23 +165,26 @@ def test_memory_exporter_span_times_and_parent() -> None:
 
 
 def test_no_tracing_section_builds_no_tracer() -> None:
-    assert _state(None).tracer is None
+    assert _proxy(None).runtime.tracer is None
 
 
-def test_reload_turns_tracing_off_and_on() -> None:
-    state = _state({"exporter": "memory"})
-    first = state.tracer
+def test_reload_turns_tracing_off_and_on_and_keeps_an_unchanged_tracer() -> None:
+    proxy = _proxy({"exporter": "memory"})
+    first = proxy.runtime.tracer
     assert first is not None
-    state._apply(parse_config({"listeners": [inbound("in", free_port(), "orders", "127.0.0.1:1")]}))
-    assert _tracer(state) is None
-    state._apply(parse_config({"listeners": [inbound("in", free_port(), "orders", "127.0.0.1:1")],
-                               "tracing": {"exporter": "memory", "sampling_ratio": 0.5}}))
-    second = _tracer(state)
+    listeners = [inbound("in", free_port(), "orders", "127.0.0.1:1")]
+    proxy.apply_config(parse_config({"listeners": listeners, "tracing": {"exporter": "memory"}}))
+    assert _tracer(proxy) is first  # same settings: the same tracer, nothing queued is lost
+    proxy.apply_config(parse_config({"listeners": listeners}))
+    assert _tracer(proxy) is None
+    proxy.apply_config(parse_config({"listeners": listeners,
+                                     "tracing": {"exporter": "memory", "sampling_ratio": 0.5}}))
+    second = _tracer(proxy)
     assert second is not None and second is not first and second.config.sampling_ratio == 0.5
 
 
-def _tracer(state: WorkerState) -> RequestTracer | None:
-    return state.tracer  # read again after a reload (a plain attribute read stays narrowed)
+def _tracer(proxy: Proxy) -> RequestTracer | None:
+    return proxy.runtime.tracer  # read again after a reload (a plain attribute read stays narrowed)
 
 
 @pytest.mark.parametrize(("tracing", "field", "reason"), [

@@ -52,12 +52,12 @@ def _violations(hot: set[str]) -> list[str]:
 
 def test_no_interpreted_class_subclasses_a_compiled_one() -> None:
     hot = _hot_modules()
-    assert "dataplane.upstream" in hot and "dataplane.http2.bridge" in hot
+    assert "dataplane.router" in hot and "dataplane.http2.server" in hot
     assert _violations(hot) == []
 
 
 def test_the_check_finds_a_violation() -> None:
-    # With the HTTP/2 → HTTP/1.1 bridge left out of the compiled set, its H1Bridge (an
-    # UpstreamUser of the compiled dataplane.upstream) is exactly the import-time failure.
-    hot = _hot_modules() - {"dataplane.http2.bridge"}
-    assert "dataplane.http2.bridge.H1Bridge subclasses dataplane.upstream.UpstreamUser" in _violations(hot)
+    # With the HTTP/2 server left out of the compiled set, its H2ServerStream (a Downstream of
+    # the compiled router) is exactly the import-time failure.
+    hot = _hot_modules() - {"dataplane.http2.server"}
+    assert "dataplane.http2.server.H2ServerStream subclasses dataplane.router.Downstream" in _violations(hot)

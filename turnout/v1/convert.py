@@ -31,7 +31,7 @@ def session_to_proto(session: Session, services: Collection[str] | None = None) 
         msg.routes.add(
             service=route.service, destination=str(route.destination), mode=route.mode, fallback=route.fallback,
             priority=route.priority,
-            upstream_protocol="" if route.upstream_protocol == "auto" else route.upstream_protocol,
+            upstream_protocol=route.upstream_protocol,
             match_json="" if route.match is None else json.dumps(route.match.to_spec(), separators=(",", ":")),
         )
     return msg
@@ -53,7 +53,7 @@ def session_to_spec(msg: config_pb2.Session) -> dict[str, Any]:
         route_spec: dict[str, Any] = {"service": route.service, "destination": route.destination,
                                       "mode": route.mode or "steal", "fallback": route.fallback or "baseline",
                                       "priority": route.priority,
-                                      "upstream_protocol": route.upstream_protocol or "auto"}
+                                      "upstream_protocol": route.upstream_protocol}
         if route.match_json:
             try:
                 route_spec["match"] = json.loads(route.match_json)

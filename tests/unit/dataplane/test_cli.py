@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
 
 def turnout(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dataplane.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "turnout.cli", *args], capture_output=True, text=True,
                           timeout=90, check=False)
 
 
@@ -37,12 +38,24 @@ def test_explain_with_a_config_file(tmp_path: pathlib.Path) -> None:
         "  - {id: s1, key: k1, routes: [{service: users, destination: '10.1.2.3:80'}]}\n"
     )
     result = turnout("explain", "--config", str(config), "--service", "users",
-                     "-H", "baggage: a=b, sd-routing-key=k1")
+                     "-H", "baggage: a=b, sd-routing-key=k1", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["key"] == {"value": "k1", "where": "baggage member sd-routing-key"}
     assert report["decision"]["session"] == "s1"
     assert report["decision"]["destination"] == "10.1.2.3:80"
+
+
+def test_explain_prints_one_line_by_default(tmp_path: pathlib.Path) -> None:
+    config = tmp_path / "rules.yaml"
+    config.write_text("sessions:\n  - {id: s1, key: k1, routes: [{service: users, destination: '10.1.2.3:80'}]}\n")
+    routed = turnout("explain", "--config", str(config), "--service", "users", "-H", "baggage: turnout-session=k1")
+    assert routed.returncode == 0, routed.stderr
+    assert routed.stdout.count("\n") == 1
+    assert "-> sandbox 10.1.2.3:80 (session s1" in routed.stdout
+    assert "key 'k1' from baggage member turnout-session" in routed.stdout
+    unrouted = turnout("explain", "--config", str(config), "--service", "users", "--target", "/a")
+    assert unrouted.stdout == "GET /a for users -> baseline (no routing key; no routing key in the request)\n"
 
 
 def test_invalid_config_names_every_field(tmp_path: pathlib.Path) -> None:
@@ -69,7 +82,13 @@ def test_missing_file_and_bad_yaml(tmp_path: pathlib.Path) -> None:
     assert result.returncode == 2 and "invalid YAML" in result.stderr
 
 
-def test_every_command_has_help() -> None:
-    for args in (["--help"], ["demo", "--help"], ["explain", "--help"]):
-        result = turnout(*args)
-        assert result.returncode == 0 and "usage: turnout" in result.stdout
+def test_every_command_has_help_and_json() -> None:
+    top = turnout("--help")
+    assert top.returncode == 0 and "usage: turnout" in top.stdout
+    commands = re.findall(r"^    (\S+)", top.stdout, re.MULTILINE)
+    assert {"proxy", "check-config", "explain", "demo", "inject", "session", "status"} <= set(commands)
+    for command in commands:
+        result = turnout(command, "--help")
+        assert result.returncode == 0 and "usage: turnout " + command in result.stdout, command
+        if command in ("proxy", "check-config", "explain", "demo", "inject"):
+            assert "--json" in result.stdout, command

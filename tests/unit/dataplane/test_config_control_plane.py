@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
-from dataplane.config import DEFAULT_STATE_DIR, parse_config_text
+from dataplane.config import SYSTEM_STATE_DIR, default_state_dir, parse_config_text
 from dataplane.rules import ConfigError
 
 BASE = ("listeners: [{name: in, address: '127.0.0.1:15001', mode: inbound, service: users, "
@@ -18,8 +21,22 @@ def test_defaults() -> None:
     assert (cp.address, cp.protocol, cp.tls, cp.token_file) == ("cp.turnout.svc:18000", "delta", False, None)
     assert config.node_id().endswith(":15001")
     path = config.state_path()
-    assert path is not None and path.startswith(DEFAULT_STATE_DIR + "/") and path.endswith(".state.json")
+    assert path is not None and path.startswith(default_state_dir() + "/") and path.endswith(".state.json")
     assert config.limits.control_plane_initial_fetch_timeout_s == 10.0
+
+
+def test_default_state_dir_is_one_this_user_can_write(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("TURNOUT_STATE_DIR", raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    chosen = default_state_dir()
+    if os.path.isdir(SYSTEM_STATE_DIR) and os.access(SYSTEM_STATE_DIR, os.W_OK):
+        assert chosen == SYSTEM_STATE_DIR  # the image's directory, when it is there and writable
+    else:
+        assert chosen == str(tmp_path / "state" / "turnout")  # a non-root user's own state directory
+    monkeypatch.setenv("TURNOUT_STATE_DIR", str(tmp_path / "explicit"))
+    assert default_state_dir() == str(tmp_path / "explicit")
+    config = parse_config_text(BASE + "control_plane: {address: 'cp:18000', node_id: 'pod/a'}\n")
+    assert config.state_path() == str(tmp_path / "explicit" / "pod_a.state.json")
 
 
 def test_everything_set(monkeypatch: pytest.MonkeyPatch) -> None:

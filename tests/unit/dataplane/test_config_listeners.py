@@ -11,8 +11,9 @@ LISTENER = "listeners: [{name: in, address: '127.0.0.1:15001', mode: inbound, se
            "baseline: '127.0.0.1:8080'%s}]\n"
 
 
-def test_upstream_protocol_defaults_to_auto() -> None:
-    assert parse_config_text(LISTENER % "").listeners[0].upstream_protocol == "auto"
+def test_upstream_protocol_defaults_to_http1() -> None:
+    # What nginx and Envoy do: HTTP/1.1 towards upstreams unless configured (gRPC aside).
+    assert parse_config_text(LISTENER % "").listeners[0].upstream_protocol == "http1"
 
 
 @pytest.mark.parametrize("protocol", ["auto", "http1", "http2"])

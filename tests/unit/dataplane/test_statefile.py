@@ -8,8 +8,8 @@ import pathlib
 
 import pytest
 
-from dataplane.channel import diff
-from dataplane.statefile import PushedState, load_state, save_state
+from dataplane.process.channel import diff
+from dataplane.process.statefile import PushedState, load_state, save_state
 from filters import parse_session
 
 

@@ -18,7 +18,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dataplane.inject import RUN_AS_USER, InjectOptions
+from turnout.inject import RUN_AS_USER, InjectOptions
 
 ROOT = Path(__file__).resolve().parents[3]
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"

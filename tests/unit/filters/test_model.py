@@ -337,8 +337,14 @@ def test_bad_mode_and_fallback(name: str, value: Any) -> None:
 def test_upstream_protocol_is_kept_and_reaches_the_decision(protocol: str) -> None:
     parsed = parse_session(session(routes=[route(upstream_protocol=protocol)]))
     assert parsed.routes[0].upstream_protocol == protocol
-    assert ("upstream_protocol" in parsed.routes[0].to_dict()) == (protocol != "auto")  # the default stays implicit
+    assert parsed.routes[0].to_dict()["upstream_protocol"] == protocol
     assert parse_session(parsed.to_dict()).routes[0] == parsed.routes[0]
+
+
+def test_a_route_without_upstream_protocol_follows_its_listener() -> None:
+    parsed = parse_session(session(routes=[route()]))
+    assert parsed.routes[0].upstream_protocol == ""  # the listener's
+    assert "upstream_protocol" not in parsed.routes[0].to_dict()  # the default stays implicit
 
 
 @pytest.mark.parametrize("routes", [[], None, "users", {"service": "users"}])

@@ -62,7 +62,11 @@ def test_the_route_upstream_protocol_is_carried_and_explained() -> None:
     snap = compile_snapshot([parse_session(spec, now=NOW)], "v1")
     d = snap.decide("users", head(baggage="turnout-session=k2"), NOW)
     assert d.upstream_protocol == "http1" and d.to_dict()["upstream_protocol"] == "http1"
-    assert BASELINE.upstream_protocol == "auto"  # baseline: the listener's protocol applies
+    assert BASELINE.upstream_protocol == ""  # baseline: the listener's protocol applies
+    plain = compile_snapshot([parse_session({**spec, "routes": [{"service": "users", "destination": "10.0.0.9:80"}]},
+                                            now=NOW)], "v2")
+    routed = plain.decide("users", head(baggage="turnout-session=k2"), NOW)
+    assert routed.upstream_protocol == "" and routed.to_dict()["upstream_protocol"] is None  # the listener's
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ Comments are not kept (YAML is parsed and written again, as kubectl does).
 from __future__ import annotations
 
 import copy
+import json
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -268,8 +269,10 @@ def dump_documents(documents: list[Any], out: TextIO) -> None:
                   default_flow_style=False, allow_unicode=True)
 
 
-def run_inject(source: str, options: InjectOptions, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
-    """The ``turnout inject`` command: 0 written, 2 refused (nothing written)."""
+def run_inject(source: str, options: InjectOptions, stdin: TextIO, stdout: TextIO, stderr: TextIO,
+               as_json: bool = False) -> int:
+    """The ``turnout inject`` command: 0 written, 2 refused (nothing written); ``as_json``: a
+    Kubernetes ``List`` of the documents as JSON (what ``kubectl apply -f -`` also reads)."""
     try:
         if source == "-":
             text = stdin.read()
@@ -288,7 +291,12 @@ def run_inject(source: str, options: InjectOptions, stdin: TextIO, stdout: TextI
     except InjectError as exc:
         stderr.write(f"turnout inject: refused {exc}\n")
         return 2
-    dump_documents(result.documents, stdout)
+    if as_json:
+        json.dump({"apiVersion": "v1", "kind": "List", "items": [d for d in result.documents if d is not None]},
+                  stdout, indent=2)
+        stdout.write("\n")
+    else:
+        dump_documents(result.documents, stdout)
     for note in result.notes:
         stderr.write(f"turnout inject: {note}\n")
     return 0
@@ -317,6 +325,7 @@ def add_command(sub: Any) -> None:
     inject.add_argument("--image", default=InjectOptions.image, help="turnout image (default %(default)s)")
     inject.add_argument("--no-config-map", action="store_true",
                         help="do not write the bootstrap ConfigMap (it exists already)")
+    inject.add_argument("--json", action="store_true", help="write a JSON List instead of YAML documents")
     inject.set_defaults(func=_cmd_inject)
 
 
@@ -328,4 +337,4 @@ def _cmd_inject(args: Any) -> int:
             return 2
     options = InjectOptions(args.service, args.app_port, args.proxy_port, args.admin_port, args.control_plane,
                             args.image, not args.no_config_map)
-    return run_inject(args.file, options, sys.stdin, sys.stdout, sys.stderr)
+    return run_inject(args.file, options, sys.stdin, sys.stdout, sys.stderr, args.json)

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import random
-import sys
 import time
 import traceback
 from collections.abc import Awaitable, Callable
@@ -25,8 +25,8 @@ from typing import Any
 import grpc
 
 from dataplane.config import ProxyConfig
+from dataplane.process.statefile import PushedState, StateRenderer, load_state, write_atomic
 from dataplane.rules import change_snapshot, compose_snapshot, rule_limits
-from dataplane.statefile import PushedState, StateRenderer, load_state, write_atomic
 from filters import Problem, Session, Snapshot, ValidationError
 from turnout.v1 import config_pb2, config_pb2_grpc
 from turnout.v1.convert import session_from_proto
@@ -114,7 +114,7 @@ class ConfigChannel:
         self.settings = config.control_plane
         self.limits = config.limits
         self._apply = apply
-        self._log = log or (lambda line: sys.stderr.write("turnout: " + line + "\n"))
+        self._log = log or logging.getLogger("turnout.channel").info
         self.status = ChannelStatus(self.settings.address, self.settings.protocol, config.node_id())
         self.state = PushedState()
         # Static + pushed sessions as the workers run them: pushes are validated against it.
@@ -132,7 +132,11 @@ class ConfigChannel:
     def load_persisted(self) -> PushedState:
         """The last good set from the state file (empty when there is none)."""
         if self.state_path is None:
+            self._log("state file: none (control_plane.state_path is null): a restart serves the bootstrap "
+                      "sessions until the control plane pushes")
             return self.state
+        self._log(f"state file: {self.state_path}" + ("" if self.settings.state_path else
+                                                      " (the default; control_plane.state_path changes it)"))
         state, why = load_state(self.state_path, rule_limits(self.config.snapshot))
         if state is None:
             if "not a valid" in why or "cannot read" in why:

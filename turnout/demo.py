@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -144,7 +145,7 @@ async def _request(port: int, method: str, target: str, headers: list[tuple[str,
     return int(head[0].split()[1]), fields.get("x-served-by", "-"), fields.get("x-turnout-route", "-")
 
 
-async def run_demo_async(out: TextIO, once: bool) -> int:
+async def run_demo_async(out: TextIO, once: bool, as_json: bool = False) -> int:
     """Start everything, show the routing cases, wait for Ctrl-C (or not, with ``once``)."""
     loop = asyncio.get_running_loop()
     ports = _pick_ports()
@@ -171,40 +172,55 @@ async def run_demo_async(out: TextIO, once: bool) -> int:
         if not await _wait_ready(ports["admin"], proxy):
             out.write("turnout demo: the proxy did not become ready:\n" + proxy_log.read_text(errors="replace"))
             return 1
-        out.write(f"turnout demo: proxy on 127.0.0.1:{ports['proxy']} fronting service 'users'\n"
-                  f"  baseline 127.0.0.1:{ports['baseline']}, sandbox 127.0.0.1:{ports['sandbox']}, "
-                  f"mirror target 127.0.0.1:{ports['mirror']}\n"
-                  f"  control plane {cp_url} (gRPC 127.0.0.1:{ports['cp_grpc']}), token in {token_file}\n"
-                  f"  config {config_path}, logs in {tmp}\n\n")
+        if not as_json:
+            out.write(f"turnout demo: proxy on 127.0.0.1:{ports['proxy']} fronting service 'users'\n"
+                      f"  baseline 127.0.0.1:{ports['baseline']}, sandbox 127.0.0.1:{ports['sandbox']}, "
+                      f"mirror target 127.0.0.1:{ports['mirror']}\n"
+                      f"  control plane {cp_url} (gRPC 127.0.0.1:{ports['cp_grpc']}), token in {token_file}\n"
+                      f"  config {config_path}, logs in {tmp}\n\n")
         rows = [("REQUEST", "STATUS", "SERVED BY", "ROUTE", "WHY")]
         for method, target, headers, why in DEMO_REQUESTS:
             status, served, route = await _request(ports["proxy"], method, target, headers)
             shown = " ".join([method, target, *(f"[{k}: {v}]" for k, v in headers)])
             rows.append((shown, str(status), served, route, why))
         await asyncio.sleep(0.2)  # let the mirrored copy land
-        _table(out, rows)
-        out.write(f"\nThe mirror target received {len(seen['mirror'])} copy(ies): {seen['mirror']}\n")
-        if not await _live_session(out, env, ports, cp_url, token_file):
+        if as_json:
+            for row in rows[1:]:
+                _json_row(out, row)
+        else:
+            _table(out, rows)
+            out.write(f"\nThe mirror target received {len(seen['mirror'])} copy(ies): {seen['mirror']}\n")
+        if not await _live_session(out, env, ports, cp_url, token_file, as_json):
             return 1
         p, a = ports["proxy"], ports["admin"]
-        out.write(
-            "\nTry it:\n"
-            f"  curl -i http://127.0.0.1:{p}/api/users\n"
-            f"  curl -i -H 'baggage: turnout-session=abc123' http://127.0.0.1:{p}/api/users\n"
-            f"  curl -i -H 'baggage: turnout-session={LIVE_KEY}' http://127.0.0.1:{p}/api/users\n"
-            f"  curl -i -H 'baggage: turnout-session=agent7' -d '{{}}' http://127.0.0.1:{p}/api/users\n"
-            "Sessions (the control plane pushes each change to the proxy):\n"
-            f"  export TURNOUT_CONTROL_PLANE={cp_url} TURNOUT_TOKEN=$(cat {token_file})\n"
-            "  turnout session list; turnout status\n"
-            f"  turnout session create --key mine --route users=127.0.0.1:{ports['sandbox']} --ttl 30m\n"
-            "  turnout session delete live-1\n"
-            "Admin:\n"
-            f"  http://127.0.0.1:{a}/ready  /healthz  /metrics  /config_dump\n"
-            f"  http://127.0.0.1:{a}/explain?service=users&header=baggage:turnout-session%3Dabc123\n"
-        )
+        turnout = _turnout_command()
+        if as_json:
+            out.write(json.dumps({"proxy": f"127.0.0.1:{p}", "admin": f"127.0.0.1:{a}", "control_plane": cp_url,
+                                  "token_file": str(token_file), "mirror_copies": len(seen["mirror"]),
+                                  "turnout": turnout}) + "\n")
+        else:
+            out.write(
+                "\nTry it:\n"
+                f"  curl -i http://127.0.0.1:{p}/api/users\n"
+                f"  curl -i -H 'baggage: turnout-session=abc123' http://127.0.0.1:{p}/api/users\n"
+                f"  curl -i -H 'baggage: turnout-session={LIVE_KEY}' http://127.0.0.1:{p}/api/users\n"
+                f"  curl -i -H 'baggage: turnout-session=agent7' -d '{{}}' http://127.0.0.1:{p}/api/users\n"
+                "Sessions (the control plane pushes each change to the proxy):\n"
+                f"  export TURNOUT_CONTROL_PLANE={cp_url} TURNOUT_TOKEN=$(cat {token_file})\n"
+                f"  {turnout} session list; {turnout} status\n"
+                f"  {turnout} session create --key mine --route users=127.0.0.1:{ports['sandbox']} --ttl 30m\n"
+                f"  {turnout} session delete live-1\n"
+                f"  {turnout} explain --admin 127.0.0.1:{a} --service users -H 'baggage: turnout-session=abc123'\n"
+                "Admin:\n"
+                f"  http://127.0.0.1:{a}/ready  /healthz  /metrics  /config_dump\n"
+                f"  http://127.0.0.1:{a}/explain?service=users&header=baggage:turnout-session%3Dabc123\n"
+            )
+            if turnout != "turnout":
+                out.write("  (turnout is not on your PATH: `source .venv/bin/activate` puts it there)\n")
         if once:
             return 0
-        out.write("\nRunning; press Ctrl-C to stop everything.\n")
+        if not as_json:
+            out.write("\nRunning; press Ctrl-C to stop everything.\n")
         out.flush()
         stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGINT, stop.set)
@@ -217,24 +233,27 @@ async def run_demo_async(out: TextIO, once: bool) -> int:
         for server in servers:
             server.close()
         shutil.rmtree(tmp, ignore_errors=True)
-        out.write("turnout demo: stopped\n")
+        if not as_json:
+            out.write("turnout demo: stopped\n")
         out.flush()
 
 
 async def _live_session(out: TextIO, env: dict[str, str], ports: dict[str, int], cp_url: str,
-                        token_file: Path) -> bool:
+                        token_file: Path, as_json: bool) -> bool:
     """Create a session through the control plane and show the proxy routing it."""
     args = ["session", "create", "--id", "live-1", "--key", LIVE_KEY, "--route", f"users=127.0.0.1:{ports['sandbox']}",
             "--ttl", "1h", "--owner", "demo", "--control-plane", cp_url, "--token-file", str(token_file)]
-    out.write("\nA session from the control plane: the demo runs\n  turnout " + " ".join(args) + "\n")
+    if not as_json:
+        out.write("\nA session from the control plane: the demo runs\n  turnout " + " ".join(args) + "\n")
     create = await asyncio.create_subprocess_exec(sys.executable, "-m", "turnout.cli", *args, env=env,
                                                   stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     printed, _ = await asyncio.wait_for(create.communicate(), 30)
     created = time.monotonic()
-    out.write("".join("  | " + line + "\n" for line in printed.decode(errors="replace").splitlines()))
     if create.returncode != 0:
-        out.write("turnout demo: session create failed\n")
+        out.write("turnout demo: session create failed:\n" + printed.decode(errors="replace"))
         return False
+    if not as_json:
+        out.write("".join("  | " + line + "\n" for line in printed.decode(errors="replace").splitlines()))
     headers = [("baggage", "turnout-session=" + LIVE_KEY)]
     served, route, status = "-", "-", 0
     while time.monotonic() - created < 10:
@@ -243,10 +262,25 @@ async def _live_session(out: TextIO, env: dict[str, str], ports: dict[str, int],
             break
         await asyncio.sleep(0.01)
     elapsed_ms = (time.monotonic() - created) * 1000
-    _table(out, [("REQUEST", "STATUS", "SERVED BY", "ROUTE", "WHY"),
-                 (f"GET /api/users [baggage: turnout-session={LIVE_KEY}]", str(status), served, route,
-                  f"pushed by the control plane; routed {elapsed_ms:.0f} ms after the create returned")])
+    row = (f"GET /api/users [baggage: turnout-session={LIVE_KEY}]", str(status), served, route,
+           f"pushed by the control plane; routed {elapsed_ms:.0f} ms after the create returned")
+    if as_json:
+        _json_row(out, row)
+    else:
+        _table(out, [("REQUEST", "STATUS", "SERVED BY", "ROUTE", "WHY"), row])
     return served == "sandbox"
+
+
+def _json_row(out: TextIO, row: tuple[str, str, str, str, str]) -> None:
+    out.write(json.dumps(dict(zip(("request", "status", "served_by", "route", "why"), row, strict=True))) + "\n")
+
+
+def _turnout_command() -> str:
+    """``turnout`` when it is on PATH, else the path of the one running this demo."""
+    if shutil.which("turnout"):
+        return "turnout"
+    beside = Path(sys.executable).parent / "turnout"
+    return str(beside) if beside.exists() else "turnout"
 
 
 def _table(out: TextIO, rows: list[tuple[str, str, str, str, str]]) -> None:
@@ -304,11 +338,9 @@ def explain_config() -> dict[str, Any]:
     return demo_config(dict(_PORTS))
 
 
-def run_demo(out: TextIO, once: bool = False) -> int:
+def run_demo(out: TextIO, once: bool = False, as_json: bool = False) -> int:
     """Entry point of ``turnout demo``."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency
-        return asyncio.run(run_demo_async(out, once))
-    return int(uvloop.run(run_demo_async(out, once)))
+    import uvloop
+
+    return int(uvloop.run(run_demo_async(out, once, as_json)))
 

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from dataplane.config import parse_config_text
-from dataplane.inject import (
+from turnout.inject import (
     CONTAINER_NAME,
     InjectError,
     InjectOptions,

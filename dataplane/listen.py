@@ -1,8 +1,8 @@
 """One port for HTTP/1.1 and HTTP/2: the first bytes decide, or TLS ALPN does.
 
 Cleartext: a connection starting with the HTTP/2 client preface is handed to
-``H2Connection``, anything else to the HTTP/1.1 ``Downstream``. TLS listeners
-(``server_tls``): ALPN ``h2`` picks ``H2Connection``, anything else ``Downstream``.
+``H2Connection``, anything else to ``H1Server``. TLS listeners (``server_tls``): ALPN
+``h2`` picks ``H2Connection``, anything else ``H1Server``.
 The chosen protocol then owns the transport as if it had accepted it, and is given the
 bytes read so far. The cost is one protocol switch per connection; requests never pass
 through here.
@@ -13,14 +13,15 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, cast
 
+from dataplane.http1.server import H1Server
 from dataplane.http2.server import H2Connection
-from dataplane.proxy import Downstream
 
 if TYPE_CHECKING:
     from ssl import SSLContext
 
     from dataplane.config import Listener
-    from dataplane.worker import WorkerState
+    from dataplane.connections import Connections
+    from dataplane.router import Router
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -28,8 +29,9 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 class Sniffer(asyncio.Protocol):
     """Reads just enough of a new connection to tell HTTP/2 from HTTP/1.1."""
 
-    def __init__(self, state: WorkerState, listener: Listener) -> None:
-        self.state = state
+    def __init__(self, router: Router, connections: Connections, listener: Listener) -> None:
+        self.router = router
+        self.connections = connections
         self.listener = listener
         self.transport: asyncio.Transport | None = None
         self._buf = b""
@@ -37,9 +39,10 @@ class Sniffer(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
-        if len(self.state.connections) >= self.state.limits.max_connections_per_worker:
-            # Over the cap: Downstream answers 503 at once, without waiting for a byte.
-            self._hand_over(Downstream(self.state, self.listener), b"")
+        limits = self.router.runtime.limits
+        if len(self.connections.open) >= limits.max_connections_per_worker:
+            # Over the cap: H1Server answers 503 at once, without waiting for a byte.
+            self._hand_over(H1Server(self.router, self.connections, self.listener), b"")
             return
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
@@ -47,7 +50,7 @@ class Sniffer(asyncio.Protocol):
             self._hand_over(self._protocol(ssl_object.selected_alpn_protocol() == "h2"), b"")
             return
         # A client that never speaks is closed as Downstream would close it.
-        self._timer = self.state.loop.call_later(self.state.limits.header_read_timeout_s, self._timed_out)
+        self._timer = self.router.loop.call_later(limits.header_read_timeout_s, self._timed_out)
 
     def data_received(self, data: bytes) -> None:
         buf = self._buf + data if self._buf else data
@@ -60,15 +63,15 @@ class Sniffer(asyncio.Protocol):
             self._timer = None
         self._hand_over(self._protocol(buf.startswith(PREFACE)), buf)
 
-    def _protocol(self, http2: bool) -> asyncio.Protocol:
+    def _protocol(self, http2: bool) -> H1Server | H2Connection:
         if http2:
-            return H2Connection(self.state, self.listener)
-        return Downstream(self.state, self.listener)
+            return H2Connection(self.router, self.connections, self.listener)
+        return H1Server(self.router, self.connections, self.listener)
 
-    def _hand_over(self, protocol: asyncio.Protocol, buf: bytes) -> None:
+    def _hand_over(self, protocol: H1Server | H2Connection, buf: bytes) -> None:
         transport = self.transport
         assert transport is not None
-        transport.set_protocol(protocol)
+        transport.set_protocol(protocol)  # type: ignore[arg-type]  # an asyncio protocol by its methods
         protocol.connection_made(transport)
         if buf and not transport.is_closing():
             protocol.data_received(buf)
@@ -82,7 +85,7 @@ class Sniffer(asyncio.Protocol):
 
     def _timed_out(self) -> None:
         self._timer = None
-        self.state.metrics.downstream_error("header_timeout")
+        self.router.metrics.downstream_error("header_timeout")
         if self.transport is not None:
             self.transport.close()
 
