@@ -19,6 +19,11 @@ Errors: a connection error queues a GOAWAY naming it and raises ``ProtocolError`
 caller writes what is queued and closes); a stream error resets the stream and reports a
 ``StreamReset`` as if the peer had reset it, so the connection goes on. Streams leave the
 table as soon as both directions are closed or reset: the table holds open streams only.
+What is remembered of closed streams is bounded: the last ``_RECENT_RESETS`` streams we
+reset (the peer may still be sending on those, RFC 9113 §5.1) and two stream ids.
+
+``preface_kind`` tells, from a cleartext connection's first bytes, HTTP/2 prior knowledge
+from HTTP/1.1 and both from an invalid connection preface, for the port that takes both.
 """
 
 from __future__ import annotations
@@ -42,6 +47,15 @@ MAX_STREAM_ID: Final = 2**31 - 1
 # At most this many frames (HEADERS and its CONTINUATIONs) carry one header block, as h2
 # allowed: the size limit alone would let empty CONTINUATION frames pile up without end.
 _CONTINUATION_BACKLOG: Final = 64
+# The streams we reset that are remembered (a ring). Until the peer reads our RST_STREAM it
+# may go on sending on the stream, and those frames are dropped (RFC 9113 §5.1, §6.4);
+# DATA or HEADERS on any other closed stream is an error. A peer keeping to the concurrency
+# limit it was given has at most that many streams whose reset it has not read yet (they
+# still count as open to it): 128 is h2_max_concurrent_streams' default. Once an id leaves
+# the ring, every closed stream up to it counts as possibly reset by us
+# (``H2Engine._resets_forgotten``): a ring too short for the peer costs strictness, never a
+# connection that a late frame would otherwise tear down.
+_RECENT_RESETS: Final = 128
 
 # Frame types (RFC 9113 §6) and flags.
 _DATA: Final = 0
@@ -84,6 +98,12 @@ _KNOWN_NAMES_MAX: Final = 512
 _FRAME_HEAD: Final = struct.Struct(">BHBBL")  # length (24 bits as 8 + 16), type, flags, stream id
 _U32: Final = struct.Struct(">L")
 _GOAWAY_HEAD: Final = struct.Struct(">LL")
+
+# What ``preface_kind`` finds at the start of a cleartext connection.
+PREFACE_PARTIAL: Final = 0  # too few bytes to tell: wait for more
+PREFACE_HTTP2: Final = 1  # the HTTP/2 client preface (prior knowledge, RFC 9113 §3.3)
+PREFACE_HTTP1: Final = 2  # an HTTP/1.x request (well-formed or not: HTTP/1.1 answers it)
+PREFACE_INVALID: Final = 3  # neither: an invalid HTTP/2 connection preface (RFC 9113 §3.4)
 
 
 class ErrorCodes:
@@ -258,6 +278,14 @@ class H2Engine:
         self._preface_pending = not client_side
         self._next_stream_id = 1  # client side
         self._highest_inbound = 0  # server side: the highest stream id the peer opened
+        # Server side: the peer opened every odd id from this one to _highest_inbound (it
+        # skipped none). HEADERS on one of those that is not open is on a closed stream; below
+        # it the id may never have been opened, and HEADERS on it is an unexpected id (§5.1.1).
+        self._inbound_run_start = 1
+        # The streams we reset lately (see _RECENT_RESETS): a ring, 0 for an empty slot.
+        self._recent_resets = [0] * _RECENT_RESETS
+        self._recent_resets_next = 0
+        self._resets_forgotten = 0  # the highest id that left the ring
         # Settings we sent (applied to inbound windows once acknowledged).
         self._max_concurrent_streams = max_concurrent_streams  # 0: not announced
         self._local_initial_window = initial_window_size
@@ -399,11 +427,13 @@ class H2Engine:
         self.send_data(stream_id, b"", True)
 
     def reset_stream(self, stream_id: int, error_code: int = ErrorCodes.NO_ERROR) -> None:
-        """RST_STREAM, and forget the stream (nothing is sent for one that is gone already)."""
+        """RST_STREAM, and the stream leaves the table (nothing is sent for one that is gone
+        already); what the peer sent on it before reading the reset is dropped when it comes."""
         stream = self.streams.pop(stream_id, None)
         if stream is None or self.closed:
             return
         self._frame(_RST_STREAM, 0, stream_id, _U32.pack(error_code))
+        self._remember_reset(stream_id)
 
     def ping(self, opaque_data: bytes) -> None:
         """A PING carrying 8 bytes; the answer is reported as ``PingAckReceived``."""
@@ -558,6 +588,11 @@ class H2Engine:
                 raise _ConnectionError(ErrorCodes.FRAME_SIZE_ERROR, "PRIORITY must be 5 bytes")
             if stream_id == 0:
                 raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "PRIORITY on stream 0")
+            # RFC 7540 §5.3.1 made this a stream error; like h2, turnout makes it a connection
+            # error (§5.4: any stream error may be): the stream may be idle, where no
+            # RST_STREAM may be sent, and no working peer sends it.
+            if _stream_dependency(payload, 0) == stream_id:
+                raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "a stream depending on itself")
             events.append(PriorityUpdated(stream_id))
         elif ftype == _GOAWAY:
             if stream_id:
@@ -580,6 +615,22 @@ class H2Engine:
             return stream_id >= self._next_stream_id or not stream_id & 1
         return stream_id > self._highest_inbound or not stream_id & 1
 
+    def _reset_by_us(self, stream_id: int) -> bool:
+        """Whether ``stream_id`` (closed) may be a stream we reset: frames the peer sent before
+        it read our RST_STREAM are dropped (RFC 9113 §5.1), not taken for errors."""
+        if stream_id <= self._resets_forgotten:
+            return True  # it may have left the ring
+        for reset in self._recent_resets:
+            if reset == stream_id:
+                return True
+        return False
+
+    def _remember_reset(self, stream_id: int) -> None:
+        pos = self._recent_resets_next
+        self._resets_forgotten = max(self._resets_forgotten, self._recent_resets[pos])
+        self._recent_resets[pos] = stream_id
+        self._recent_resets_next = (pos + 1) % _RECENT_RESETS
+
     def _strip_padding(self, flags: int, payload: bytes) -> tuple[int, int]:
         """Where the content of a padded frame starts and ends."""
         if not flags & _PADDED:
@@ -601,7 +652,13 @@ class H2Engine:
         if stream is None:
             if self._idle(stream_id):
                 raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "DATA on an idle stream")
-            return  # a stream we closed or reset: late frames are ignored (RFC 9113 §5.1)
+            if self._reset_by_us(stream_id):
+                return  # sent before the peer read our RST_STREAM: dropped (counted above)
+            # Not a stream we reset: the peer ended or reset it itself (or skipped its id), so
+            # it knows the stream is closed. §6.1 asks for a stream error, but the stream is
+            # gone: one RST_STREAM per such frame would be output a peer drives at will, so
+            # it is a connection error, as §5.1 allows on a closed stream.
+            raise _ConnectionError(ErrorCodes.STREAM_CLOSED, "DATA on a closed stream")
         if stream.recv_closed or not stream.head_received:
             self._stream_error(stream, ErrorCodes.STREAM_CLOSED if stream.recv_closed else ErrorCodes.PROTOCOL_ERROR,
                                events)
@@ -632,6 +689,8 @@ class H2Engine:
                 if start <= len(payload):  # the fields fit: the padding is what is too long (§6.2)
                     raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "padding longer than the frame")
                 raise _ConnectionError(ErrorCodes.FRAME_SIZE_ERROR, "HEADERS too short for its priority")
+            if _stream_dependency(payload, start - 5) == stream_id:  # as for PRIORITY (below)
+                raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "a stream depending on itself")
         block = payload[start:stop]
         if flags & _END_HEADERS:
             self._headers(stream_id, block, bool(flags & _END_STREAM), events)
@@ -653,12 +712,16 @@ class H2Engine:
             raise _ConnectionError(ErrorCodes.COMPRESSION_ERROR, "invalid header block") from None
         stream = self.streams.get(stream_id)
         if stream is None:
+            if not self._idle(stream_id):
+                if self._reset_by_us(stream_id):
+                    return  # sent before the peer read our RST_STREAM: dropped (the block was decoded)
+                if stream_id < self._inbound_run_start:  # below an id the peer skipped to
+                    raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "HEADERS on a stream id lower than one opened")
+                raise _ConnectionError(ErrorCodes.STREAM_CLOSED, "HEADERS on a closed stream")
             if self.client_side or not stream_id & 1:
-                if self._idle(stream_id):
-                    raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "HEADERS opening a stream the peer may not open")
-                return  # on a stream we reset: ignored
-            if stream_id <= self._highest_inbound:
-                return  # on a stream that is over (or was skipped): ignored
+                raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "HEADERS opening a stream the peer may not open")
+            if stream_id > self._highest_inbound + 2:
+                self._inbound_run_start = stream_id  # the ids in between were skipped
             self._highest_inbound = stream_id
             stream = _Stream(stream_id, self._send_initial_window, self._recv_initial_window)
             stream.head_received = True
@@ -783,7 +846,13 @@ class H2Engine:
         """RST_STREAM for a stream error, reported as a reset so the owner cleans up."""
         del self.streams[stream.stream_id]
         self._frame(_RST_STREAM, 0, stream.stream_id, _U32.pack(code))
+        self._remember_reset(stream.stream_id)
         events.append(StreamReset(stream.stream_id, code, False))
+
+
+def _stream_dependency(payload: bytes, pos: int) -> int:
+    """The stream a PRIORITY frame, or a HEADERS frame's priority fields, at ``pos`` depend on."""
+    return ((payload[pos] & 0x7F) << 24) | (payload[pos + 1] << 16) | (payload[pos + 2] << 8) | payload[pos + 3]
 
 
 def _response_status(headers: Headers) -> int:
@@ -827,6 +896,35 @@ def valid_value(value: bytes) -> bool:
     if 13 in value or 10 in value or 0 in value:
         return False
     return not value or (value[0] != 32 and value[0] != 9 and value[-1] != 32 and value[-1] != 9)
+
+
+def preface_kind(data: bytes, max_line: int) -> int:
+    """What a cleartext connection that starts with ``data`` speaks, for a port that takes
+    both HTTP/1.1 and HTTP/2 with prior knowledge: ``PREFACE_HTTP2``, ``PREFACE_HTTP1``,
+    ``PREFACE_INVALID`` (hand it to HTTP/2 too: the engine answers GOAWAY PROTOCOL_ERROR,
+    RFC 9113 §3.4) or ``PREFACE_PARTIAL`` (read more). ``max_line``: the longest HTTP/1.1
+    request line; a line longer than that is HTTP/1.1's to refuse.
+
+    An HTTP/1.x request line always holds a "/": in its version ("HTTP/1.1") or, without
+    one, in its target ("GET /"). A first line that ends without one is no HTTP/1 request,
+    however malformed: it is taken for an invalid preface (h2spec http2/3.5 #2 sends
+    "INVALID CONNECTION PREFACE"). Anything with a "/" on its first line, a near preface
+    included, is left to HTTP/1.1, which refuses what it cannot parse with a 400."""
+    if data.startswith(PREFACE):
+        return PREFACE_HTTP2
+    if PREFACE.startswith(data):
+        return PREFACE_PARTIAL
+    start = 0
+    end = len(data)
+    while start < end and (data[start] == 13 or data[start] == 10):
+        start += 1  # empty lines before a request line are allowed (RFC 9112 §2.2)
+    line_end = data.find(b"\n", start)
+    slash = data.find(b"/", start, end if line_end < 0 else line_end)
+    if slash >= 0:
+        return PREFACE_HTTP1
+    if line_end >= 0:
+        return PREFACE_INVALID
+    return PREFACE_PARTIAL if end <= max_line else PREFACE_HTTP1
 
 
 def _content_length(headers: Headers) -> int:

@@ -1135,6 +1135,166 @@ def test_late_frames_from_h2_after_reset_are_harmless() -> None:
     run_exchanges(p, [Exchange(POST, body_of(300_000), None, RESPONSE, b"", None)])
 
 
+# ---------------------------------------------------------------------- closed streams (h2spec http2/5.1, 5.1.1)
+# What h2spec 2.0.0 sends, frame for frame; it accepts RST_STREAM or GOAWAY with the code, or
+# a close, and these pin the engine's exact answer. A stream we reset may still get frames
+# the peer sent before it read our RST_STREAM (dropped, above); a stream the peer ended or
+# reset itself may not: DATA or HEADERS on it is a connection error STREAM_CLOSED (RFC 9113
+# §5.1 allows one for any frame on a closed stream but PRIORITY, WINDOW_UPDATE and RST_STREAM
+# that crossed our closing frame, which stay ignored).
+
+def _closed_by_peer_reset(engine: H2Engine, raw: RawPeer) -> None:
+    # h2spec 5.1 #8, #9: "closed: Sends a DATA / HEADERS frame after sending RST_STREAM frame".
+    assert [type(e) for e in engine.receive_data(raw.headers(1, POST))] == [RequestReceived]
+    events = engine.receive_data(frame(RST_STREAM, 0, 1, u32(ErrorCodes.CANCEL)))
+    assert [(type(e), getattr(e, "stream_id", None)) for e in events] == [(StreamReset, 1)]
+
+
+def _closed_by_both_ends(engine: H2Engine, raw: RawPeer) -> None:
+    # h2spec 5.1 #11, #12: "closed: Sends a DATA / HEADERS frame" once both sides sent END_STREAM.
+    assert [type(e) for e in engine.receive_data(raw.headers(1, POST, True))] == [RequestReceived]
+    engine.send_headers(1, RESPONSE, True)
+    engine.data_to_send()
+    assert engine.streams == {}
+
+
+_LATE_FRAMES: list[tuple[str, Callable[[RawPeer], bytes]]] = [
+    ("data", lambda r: frame(DATA, END_STREAM, 1, b"test")),
+    ("headers", lambda r: r.headers(1, POST, True)),
+]
+
+
+@pytest.mark.parametrize("late", [pytest.param(w, id=n) for n, w in _LATE_FRAMES])
+@pytest.mark.parametrize("close", [_closed_by_peer_reset, _closed_by_both_ends], ids=["peer-reset", "both-ended"])
+def test_frames_on_a_stream_the_peer_closed_are_stream_closed(close: Callable[[H2Engine, RawPeer], None],
+                                                              late: Callable[[RawPeer], bytes]) -> None:
+    engine, raw = raw_server_engine()
+    close(engine, raw)
+    # WINDOW_UPDATE and RST_STREAM (which may cross our closing frame) and PRIORITY are
+    # still ignored, and get no answer.
+    events = engine.receive_data(frame(WINDOW_UPDATE, 0, 1, u32(5)) + frame(RST_STREAM, 0, 1, u32(0))
+                                 + frame(PRIORITY, 0, 1, u32(0) + b"\x0f"))
+    assert [type(e) for e in events] == [PriorityUpdated]
+    assert engine.data_to_send() == b""
+    assert_connection_error(engine, late(raw), ErrorCodes.STREAM_CLOSED, 1)
+
+
+_CLIENT_LATE_FRAMES: list[tuple[str, Callable[[RawPeer], bytes]]] = [
+    ("data", lambda r: frame(DATA, END_STREAM, 1, b"test")),
+    ("headers", lambda r: r.headers(1, [(b"x-t", b"1")], True)),
+]
+
+
+@pytest.mark.parametrize("late", [pytest.param(w, id=n) for n, w in _CLIENT_LATE_FRAMES])
+@pytest.mark.parametrize("peer_reset", [True, False], ids=["peer-reset", "both-ended"])
+def test_frames_on_a_stream_the_peer_closed_are_stream_closed_engine_client(
+        peer_reset: bool, late: Callable[[RawPeer], bytes]) -> None:
+    engine, raw = raw_client_engine()
+    engine.send_headers(1, REQUEST, not peer_reset)
+    engine.data_to_send()
+    closing = frame(RST_STREAM, 0, 1, u32(ErrorCodes.CANCEL)) if peer_reset else raw.headers(1, RESPONSE, True)
+    assert [type(e) for e in engine.receive_data(closing)] == [StreamReset if peer_reset else ResponseReceived]
+    assert engine.streams == {}
+    assert_connection_error(engine, late(raw), ErrorCodes.STREAM_CLOSED, 0)
+
+
+@pytest.mark.parametrize("engine_client", [False, True], ids=["engine-server", "engine-client"])
+def test_every_frame_on_a_stream_we_reset_is_dropped(engine_client: bool) -> None:
+    # The in-flight rule h2spec's cases must not break: whatever the peer sent before it read
+    # our RST_STREAM (a body, trailers, window, its own reset) is dropped, trailers still
+    # feeding the HPACK table, and the connection goes on.
+    engine, raw = raw_client_engine() if engine_client else raw_server_engine()
+    if engine_client:
+        engine.send_headers(1, POST)
+        engine.receive_data(raw.headers(1, RESPONSE))
+    else:
+        engine.receive_data(raw.headers(1, POST))
+    engine.reset_stream(1, ErrorCodes.CANCEL)
+    engine.data_to_send()
+    late = (frame(DATA, 0, 1, b"body") + raw.headers(1, [(b"x-late", b"1")], True)
+            + frame(WINDOW_UPDATE, 0, 1, u32(100)) + frame(RST_STREAM, 0, 1, u32(ErrorCodes.CANCEL)))
+    assert engine.receive_data(late) == []
+    assert [type(f) for f in parse_frames(engine.data_to_send())] in ([], [WindowUpdateFrame])
+    if engine_client:
+        engine.send_headers(3, REQUEST, True)
+        events = engine.receive_data(raw.headers(3, [*RESPONSE, (b"x-late", b"1")], True))
+    else:
+        events = engine.receive_data(raw.headers(3, [*REQUEST, (b"x-late", b"1")], True))
+    (head,) = events
+    assert isinstance(head, ResponseReceived if engine_client else RequestReceived)
+    assert head.headers[-1] == (b"x-late", b"1")
+    assert not engine.closed
+
+
+def test_streams_we_reset_are_remembered_in_a_bounded_ring() -> None:
+    # 200 streams reset by us (more than the ring holds), then 2 closed normally. Late frames
+    # on every reset stream are still dropped: the ones that left the ring are covered by the
+    # highest id that left it. A stream above that id, closed normally, is an error.
+    engine, raw = raw_server_engine()
+    for sid in range(1, 401, 2):
+        engine.receive_data(raw.headers(sid, POST))
+        engine.reset_stream(sid, ErrorCodes.CANCEL)
+    for sid in (401, 403):
+        engine.receive_data(raw.headers(sid, REQUEST, True))
+        engine.send_headers(sid, RESPONSE, True)
+    engine.data_to_send()
+    late = b"".join(frame(DATA, 0, sid, b"x") for sid in range(1, 401, 2))
+    assert engine.receive_data(late) == []
+    assert_connection_error(engine, frame(DATA, 0, 403, b"x"), ErrorCodes.STREAM_CLOSED, 403)
+    assert len(engine._recent_resets) == 128  # bounded, however many streams were reset
+
+
+def test_a_lower_stream_id_than_one_opened_is_a_connection_error() -> None:
+    # h2spec 5.1.1 #2: HEADERS on 5, then on 3, which was never opened (RFC 9113 §5.1.1).
+    engine, raw = raw_server_engine()
+    assert [type(e) for e in engine.receive_data(raw.headers(5, REQUEST, True))] == [RequestReceived]
+    assert_connection_error(engine, raw.headers(3, REQUEST, True), ErrorCodes.PROTOCOL_ERROR, 5)
+
+
+def test_ids_skipped_over_are_closed_not_reopened() -> None:
+    # Ids 1 and 3 were skipped when 5 opened: DATA on them is on a closed stream (§5.1.1:
+    # they closed implicitly), and streams opened in turn after 5 are closed ones, not
+    # unexpected ids, once they end.
+    engine, raw = raw_server_engine()
+    engine.receive_data(raw.headers(5, REQUEST, True) + raw.headers(7, REQUEST, True))
+    engine.send_headers(7, RESPONSE, True)
+    assert_connection_error(engine, frame(DATA, 0, 3, b"x"), ErrorCodes.STREAM_CLOSED, 7)
+    engine, raw = raw_server_engine()
+    engine.receive_data(raw.headers(5, REQUEST, True) + raw.headers(7, REQUEST, True))
+    engine.send_headers(7, RESPONSE, True)
+    assert_connection_error(engine, raw.headers(7, REQUEST, True), ErrorCodes.STREAM_CLOSED, 7)
+
+
+# ---------------------------------------------------------------------- self-dependency (h2spec http2/5.3.1)
+
+@pytest.mark.parametrize("flags_and_prefix", [(0, b""), (PADDED, b"\x02")], ids=["plain", "padded"])
+@pytest.mark.parametrize("dependency", [1, 0x80000001], ids=["shared", "exclusive"])
+def test_headers_depending_on_their_own_stream(flags_and_prefix: tuple[int, bytes], dependency: int) -> None:
+    # h2spec 5.3.1 #1: HEADERS on stream 1 whose priority fields name stream 1 (weight 255).
+    engine, raw = raw_server_engine()
+    flags, prefix = flags_and_prefix
+    payload = prefix + u32(dependency) + b"\xff" + raw.block(REQUEST) + bytes(len(prefix) and prefix[0])
+    wire = frame(HEADERS, PRIORITY_FLAG | END_HEADERS | END_STREAM | flags, 1, payload)
+    assert_connection_error(engine, wire, ErrorCodes.PROTOCOL_ERROR, 0)
+
+
+def test_headers_depending_on_another_stream_are_fine() -> None:
+    engine, raw = raw_server_engine()
+    wire = frame(HEADERS, PRIORITY_FLAG | END_HEADERS | END_STREAM, 3, u32(1) + b"\xff" + raw.block(REQUEST))
+    assert [type(e) for e in engine.receive_data(wire)] == [RequestReceived]
+
+
+@pytest.mark.parametrize("dependency", [1, 0x80000001], ids=["shared", "exclusive"])
+def test_priority_depending_on_its_own_stream(dependency: int) -> None:
+    # h2spec 5.3.1 #2: PRIORITY on (idle) stream 1 naming stream 1.
+    engine, _ = raw_server_engine()
+    assert_connection_error(engine, frame(PRIORITY, 0, 1, u32(dependency) + b"\xff"), ErrorCodes.PROTOCOL_ERROR, 0)
+    # The same on an open stream.
+    engine, raw = raw_server_engine()
+    engine.receive_data(raw.headers(1, POST))
+    assert_connection_error(engine, frame(PRIORITY, 0, 1, u32(dependency) + b"\xff"), ErrorCodes.PROTOCOL_ERROR, 1)
+
+
 # ---------------------------------------------------------------------- PING and GOAWAY
 
 @pytest.mark.parametrize("engine_client", [False, True], ids=["engine-server", "engine-client"])
