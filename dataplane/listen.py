@@ -1,8 +1,10 @@
 """One port for HTTP/1.1 and HTTP/2: the first bytes decide, or TLS ALPN does.
 
-Cleartext: a connection starting with the HTTP/2 client preface is handed to
-``H2Connection``, anything else to ``H1Server``. TLS listeners (``server_tls``): ALPN
-``h2`` picks ``H2Connection``, anything else ``H1Server``.
+Cleartext (``preface_kind`` decides): a connection starting with the HTTP/2 client preface
+is handed to ``H2Connection``, and so is one whose first line ends without a "/" (no
+HTTP/1 request can: it is an invalid preface, answered with GOAWAY PROTOCOL_ERROR);
+anything else goes to ``H1Server``. TLS listeners (``server_tls``): ALPN ``h2`` picks
+``H2Connection``, anything else ``H1Server``.
 The chosen protocol then owns the transport as if it had accepted it, and is given the
 bytes read so far. The cost is one protocol switch per connection; requests never pass
 through here.
@@ -14,6 +16,7 @@ import asyncio
 from typing import TYPE_CHECKING, cast
 
 from dataplane.http1.server import H1Server
+from dataplane.http2.engine import PREFACE_HTTP1, PREFACE_PARTIAL, preface_kind
 from dataplane.http2.server import H2Connection
 
 if TYPE_CHECKING:
@@ -22,9 +25,6 @@ if TYPE_CHECKING:
     from dataplane.config import Listener
     from dataplane.connections import Connections
     from dataplane.router import Router
-
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-
 
 class Sniffer(asyncio.Protocol):
     """Reads just enough of a new connection to tell HTTP/2 from HTTP/1.1."""
@@ -54,14 +54,16 @@ class Sniffer(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         buf = self._buf + data if self._buf else data
-        if len(buf) < len(PREFACE) and PREFACE.startswith(buf):
-            self._buf = buf  # could still be the preface: wait for more
+        kind = preface_kind(buf, self.router.runtime.limits.max_request_line_bytes)
+        if kind == PREFACE_PARTIAL:
+            self._buf = buf  # could still be the preface, or a request line: wait for more
             return
         self._buf = b""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._hand_over(self._protocol(buf.startswith(PREFACE)), buf)
+        # An invalid preface goes to HTTP/2 too: its engine answers GOAWAY PROTOCOL_ERROR.
+        self._hand_over(self._protocol(kind != PREFACE_HTTP1), buf)
 
     def _protocol(self, http2: bool) -> H1Server | H2Connection:
         if http2:

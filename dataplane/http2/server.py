@@ -311,8 +311,10 @@ class H2Connection(H2Link):
             elif isinstance(event, StreamReset):
                 stream = streams.get(event.stream_id)
                 if stream is not None:
-                    self._premature_resets += 1
                     stream.on_client_reset()
+                    if not event.remote_reset:
+                        continue  # a stream error turnout's engine raised: not the client's reset
+                    self._premature_resets += 1
                     limit = self.limits.h2_max_premature_resets
                     # Envoy's rule: past the budget, and most of the streams were reset early.
                     if self._premature_resets >= limit and 2 * self._premature_resets >= self._streams_total:
