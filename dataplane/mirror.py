@@ -11,30 +11,33 @@ trailers when the protocol can carry them, and is marked ``x-turnout-mirror: <se
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 from dataplane.upstream import UpstreamError, UpstreamListener
 
 if TYPE_CHECKING:
-    from dataplane.message import Fields, Response
-    from dataplane.router import Exchange, Router
+    from dataplane.config import Limits
+    from dataplane.message import Fields, Request, Response
+    from dataplane.metrics import Metrics
     from dataplane.upstream import Carrier, UpstreamStream
+    from dataplane.upstreams import Upstreams
+    from filters import Address
 
 
 class MirrorCopy(UpstreamListener):
     """The copy of one request, filled as the client's body arrives, then sent and its answer
     thrown away."""
 
-    def __init__(self, manager: MirrorManager, exchange: Exchange, http2: bool) -> None:
+    def __init__(self, manager: MirrorManager, destination: Address, session_id: str, request: Request,
+                 fields: Fields, extra: Fields, limits: Limits, http2: bool) -> None:
         self.manager = manager
-        self.exchange = exchange
+        self.destination = destination
+        self.request = request
+        self.fields = fields  # the head as forwarded to baseline, then the proxy's own and the marker
+        self.extra: Fields = [*extra, (b"x-turnout-mirror", session_id.encode())]
+        self.limits = limits
         self.http2 = http2
-        decision = exchange.decision
-        assert decision.destination is not None and decision.session_id is not None
-        self.destination = decision.destination
-        self.extra: Fields = [*exchange.extra, (b"x-turnout-mirror", decision.session_id.encode())]
-        self.max_body_bytes = exchange.rt.limits.mirror_max_body_bytes
-        self.timeout_s = exchange.rt.limits.upstream_response_timeout_s
         self.trailers: Fields = []
         self.parts: list[bytes] = []
         self.size = 0
@@ -48,10 +51,10 @@ class MirrorCopy(UpstreamListener):
         if self.dropped:
             return
         self.size += len(data)
-        if self.size > self.max_body_bytes:
+        if self.size > self.limits.mirror_max_body_bytes:
             self.dropped = True
             self.parts = []
-            self.manager.router.metrics.mirror_dropped("too_large")
+            self.manager.metrics.mirror_dropped("too_large")
             return
         self.parts.append(data)
 
@@ -71,9 +74,9 @@ class MirrorCopy(UpstreamListener):
     async def run(self) -> None:
         """Connect (or take a pooled connection) and send the whole copy."""
         http2 = self.http2
-        router = self.manager.router
-        self._timer = router.loop.call_later(self.timeout_s, self._timed_out)
-        upstreams = router.upstreams
+        manager = self.manager
+        self._timer = manager.loop.call_later(self.limits.upstream_response_timeout_s, self._timed_out)
+        upstreams = manager.upstreams
         carrier: Carrier | None = upstreams.acquire(self.destination, http2)
         if carrier is None:
             try:
@@ -84,9 +87,8 @@ class MirrorCopy(UpstreamListener):
         if self._done:
             carrier.release()
             return
-        request = self.exchange.request
         try:
-            stream = carrier.open_stream(self, request, self.exchange.fields, self.extra, self.size)
+            stream = carrier.open_stream(self, self.request, self.fields, self.extra, self.size)
         except UpstreamError as exc:
             self._drop(exc.cause)
             return
@@ -98,7 +100,7 @@ class MirrorCopy(UpstreamListener):
 
     def on_response_head(self, head: Response) -> None:
         """The sandbox answered: counted, the answer is read and dropped."""
-        self.manager.router.metrics.mirror_sent(head.status)
+        self.manager.metrics.mirror_sent(head.status)
 
     def on_response_data(self, data: bytes, flow_len: int) -> None:
         """Thrown away, and the sandbox may send more."""
@@ -120,11 +122,11 @@ class MirrorCopy(UpstreamListener):
         if self._finish():
             if stream is not None:
                 stream.cancel()
-            self.manager.router.metrics.mirror_dropped("timeout")
+            self.manager.metrics.mirror_dropped("timeout")
 
     def _drop(self, cause: str) -> None:
         if self._finish():
-            self.manager.router.metrics.mirror_dropped(cause)
+            self.manager.metrics.mirror_dropped(cause)
 
     def _finish(self) -> bool:
         # The in-flight slot is held until the answer ends or the time is up: never longer
@@ -143,25 +145,30 @@ class MirrorCopy(UpstreamListener):
 class MirrorManager:
     """Bounds mirrored requests in flight for one worker."""
 
-    def __init__(self, router: Router) -> None:
-        self.router = router
+    def __init__(self, upstreams: Upstreams, metrics: Metrics, loop: asyncio.AbstractEventLoop,
+                 spawn: Callable[[Coroutine[Any, Any, None]], None]) -> None:
+        self.upstreams = upstreams
+        self.metrics = metrics
+        self.loop = loop
+        self.spawn = spawn
         self.in_flight = 0
 
-    def start(self, exchange: Exchange, http2: bool) -> MirrorCopy | None:
-        """A copy for a mirror decision (``http2``: sent over HTTP/2), or None when too many are
-        in flight."""
-        if self.in_flight >= exchange.rt.limits.mirror_max_in_flight:
-            self.router.metrics.mirror_dropped("too_many_in_flight")
+    def start(self, destination: Address, session_id: str, request: Request, fields: Fields, extra: Fields,
+              limits: Limits, http2: bool, request_done: bool) -> MirrorCopy | None:
+        """A copy of ``request`` for a mirror route (``http2``: sent over HTTP/2), or None when
+        too many are in flight."""
+        if self.in_flight >= limits.mirror_max_in_flight:
+            self.metrics.mirror_dropped("too_many_in_flight")
             return None
-        copy = MirrorCopy(self, exchange, http2)
-        if exchange.request_done:
+        copy = MirrorCopy(self, destination, session_id, request, fields, extra, limits, http2)
+        if request_done:
             copy.end([])
         return copy
 
     def send(self, copy: MirrorCopy) -> None:
         """Send a complete copy in the background."""
-        if self.in_flight >= copy.exchange.rt.limits.mirror_max_in_flight:
-            self.router.metrics.mirror_dropped("too_many_in_flight")
+        if self.in_flight >= copy.limits.mirror_max_in_flight:
+            self.metrics.mirror_dropped("too_many_in_flight")
             return
         self.in_flight += 1
-        self.router.spawn(copy.run())
+        self.spawn(copy.run())

@@ -158,7 +158,7 @@ class Router:
         self.loop = loop
         self.clock: Callable[[], float] = time.perf_counter  # loop.time() on uvloop ticks in whole milliseconds
         self.wall_time: Callable[[], float] = time.time
-        self.mirrors = MirrorManager(self)
+        self.mirrors = MirrorManager(upstreams, metrics, loop, self.spawn)
         self._tasks: set[asyncio.Task[None]] = set()
 
     def handle(self, downstream: Downstream, request: Request) -> Exchange | None:
@@ -307,7 +307,11 @@ class Exchange(UpstreamListener):
         request = self.request
         router = self.router
         if self.route_kind == "mirror":
-            self.mirror = router.mirrors.start(self, self._over_http2(self.decision.upstream_protocol))
+            decision = self.decision
+            assert decision.destination is not None and decision.session_id is not None
+            self.mirror = router.mirrors.start(decision.destination, decision.session_id, request, self.fields,
+                                               self.extra, self.rt.limits,
+                                               self._over_http2(decision.upstream_protocol), self.request_done)
         if request.grpc_timeout:
             seconds = parse_grpc_timeout(request.grpc_timeout)
             if seconds is not None:

@@ -9,7 +9,7 @@ both import this package; it imports neither.
 from filters.baggage import BaggageMember, MemberExtractor, baggage_values, parse_baggage
 from filters.errors import Problem, TurnoutError, ValidationError
 from filters.head import RequestHead
-from filters.keys import FoundKey, KeyConfig, KeyExtractor, KeySource, parse_key_config
+from filters.keys import KeyConfig, KeyExtractor, parse_key_config
 from filters.matchers import Matcher, MatchLimits, parse_match
 from filters.model import (
     UPSTREAM_PROTOCOLS,
@@ -22,6 +22,7 @@ from filters.model import (
     parse_sessions,
 )
 from filters.snapshot import BASELINE, Decision, Snapshot, compile_snapshot
+from filters.sources import FoundKey, KeySource
 
 __all__ = [
     "BASELINE",

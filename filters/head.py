@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from filters.baggage import DEFAULT_MAX_BYTES, DEFAULT_MAX_MEMBERS, baggage_values
 
 if TYPE_CHECKING:
-    from filters.keys import FoundKey
+    from filters.sources import FoundKey
 
 
 class RequestHead:

@@ -31,9 +31,10 @@ import re2
 
 from filters.errors import Problem, ValidationError
 from filters.head import RequestHead
-from filters.keys import FoundKey, KeyConfig, KeyExtractor
+from filters.keys import KeyConfig, KeyExtractor
 from filters.matchers import AllOf, AnyOf, HeaderLines, Leaf, Matcher, Not, line_pattern, re2_options
 from filters.model import Address, Route, RuleLimits, Session, find_conflicts
+from filters.sources import FoundKey
 
 
 class Decision:

@@ -8,15 +8,8 @@ import pytest
 
 from filters.errors import Problem, ValidationError
 from filters.head import RequestHead
-from filters.keys import (
-    DEFAULT_SOURCES,
-    SOURCE_KINDS,
-    FoundKey,
-    KeyConfig,
-    KeyExtractor,
-    KeySource,
-    parse_key_config,
-)
+from filters.keys import DEFAULT_SOURCES, KeyConfig, KeyExtractor, parse_key_config
+from filters.sources import SOURCE_KINDS, FoundKey, KeySource
 
 ALIASES = KeySource("baggage", ("turnout-session", "sd-routing-key", "mirrord-session"))
 
