@@ -23,7 +23,8 @@ HOT_MODULES = [
     "dataplane/message.py", "dataplane/upstream.py", "dataplane/router.py", "dataplane/mirror.py",
     "dataplane/upstreams.py", "dataplane/pool.py", "dataplane/outlier.py", "dataplane/runtime.py",
     "dataplane/metrics.py", "dataplane/deadline.py",
-    "filters/baggage.py", "filters/keys.py", "filters/head.py", "filters/matchers.py", "filters/snapshot.py",
+    "filters/baggage.py", "filters/sources.py", "filters/keys.py", "filters/head.py", "filters/matchers.py",
+    "filters/snapshot.py",
 ]
 
 if os.environ.get("TURNOUT_MYPYC") == "1":
