@@ -268,6 +268,9 @@ class H1Client(UpstreamStream):
             try:
                 end = find_head_end(buf, 0, limits.max_head_bytes, "response")
                 if end == -1:
+                    if _looks_like_http2(buf):
+                        # Its SETTINGS frame came first: it will never answer in HTTP/1.1.
+                        raise HttpError(502, "no HTTP/1.1 response", "upstream_bad_head")
                     return
                 head = buf[:end]
                 check_head(head, limits.max_header_count, limits.max_request_line_bytes, "response")

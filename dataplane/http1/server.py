@@ -433,12 +433,20 @@ class H1Server(Downstream):
         elif phase == _BODY:
             self._request_failed(HttpError(408, "timed out reading the request body", "body_timeout"))
         elif phase == _WAIT and self.exchange is not None:
-            self.exchange.timed_out()
-        elif phase == _TUNNEL:
             exchange = self.exchange
+            if self.write_paused and exchange.response_started:
+                # The response stalled because the client stopped reading it, not the upstream.
+                self.router.metrics.downstream_error("client_stalled")
+                self.exchange = None
+                exchange.client_gone()
+                self._abort()
+            else:
+                exchange.timed_out()
+        elif phase == _TUNNEL:
+            tunnel = self.exchange
             self.exchange = None
-            if exchange is not None:
-                exchange.client_gone()  # idle for too long: the tunnel ends
+            if tunnel is not None:
+                tunnel.client_gone()  # idle for too long: the tunnel ends
             self.close()
         elif phase == _LINGER:
             self._abort()

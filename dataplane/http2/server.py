@@ -121,10 +121,13 @@ class H2ServerStream(Downstream):
 
     def _deadline_reached(self) -> None:
         exchange = self.exchange
-        if exchange is not None and not exchange.finished and (self.request_done or exchange.response_started):
+        stalled = self.conn.queued(self.stream_id)  # the response waits for the client's window
+        if exchange is not None and not exchange.finished and not stalled and (
+                self.request_done or exchange.response_started):
             exchange.timed_out()
             return
         # The client stalled mid-request, or does not read the response queued for it.
+        self.conn.router.metrics.downstream_error("client_stalled")
         if exchange is not None:
             exchange.client_gone(408)
         self.conn.reset(self.stream_id, ErrorCodes.CANCEL)
