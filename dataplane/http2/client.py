@@ -40,7 +40,7 @@ _NEVER_SENT_FIELDS: Final = frozenset({b"host", b"expect", b"content-length"})
 _PING_DATA: Final = b"turnout!"
 
 
-class ProtocolMismatch(ConnectionError):
+class ProtocolMismatch(Exception):
     """The upstream answered the HTTP/2 preface in HTTP/1.1."""
 
 
