@@ -208,7 +208,9 @@ class H1Client(UpstreamStream):
         transport = self.transport
         if transport is None or self._phase == _CLOSED:
             return
-        if self._chunked and self._phase != _TUNNEL:
+        if not data:
+            pass  # never an empty chunk: chunk(b"") is the last-chunk marker
+        elif self._chunked and self._phase != _TUNNEL:
             transport.writelines(chunk(data))
         else:
             transport.write(data)

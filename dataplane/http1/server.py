@@ -74,6 +74,7 @@ class H1Server(Downstream):
         self._chunked = False  # the current response goes out chunked
         self._keep_alive = False  # the connection stays open after the current response
         self._idle = True  # between requests: closed silently when draining or idle too long
+        self._client_done = False  # the client half-closed: close after the current response
 
     # ------------------------------------------------------------------ asyncio callbacks
 
@@ -143,6 +144,7 @@ class H1Server(Downstream):
             self.exchange.on_request_end(NO_FIELDS)  # the client is done sending: so is the tunnel
             return True
         if self.phase == _WAIT:
+            self._client_done = True  # the response still flows back; nothing can follow it
             return True
         self.close()
         return None
@@ -391,6 +393,9 @@ class H1Server(Downstream):
             self._unacked_paused = False
             self._resume()
         if self.phase in (_CLOSED, _LINGER):
+            return
+        if self._client_done:
+            self.close()
             return
         if not keep_alive or self.phase == _BODY:
             # Close, and read what the client still sends (the rest of a body answered before

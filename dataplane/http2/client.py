@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 # by the proxy itself, and HTTP/1.1's connection-specific fields are already gone.
 _NEVER_SENT_FIELDS: Final = frozenset({b"host", b"expect", b"content-length"})
 _PING_DATA: Final = b"turnout!"
+_HTTP1: Final = b"HTTP/1."
 
 
 class ProtocolMismatch(Exception):
@@ -108,6 +109,7 @@ class H2Client(H2Link):
         self.reserved = 0  # carriers handed out and not opened yet
         self.last_frame_at = 0.0  # loop time of the last read: the peer is alive
         self.ping_sent_at = 0.0  # a liveness PING is outstanding since then (0: none)
+        self._probe = b""  # the first bytes, until they show whether the peer speaks HTTP/2
         self.loop = loop
         # Set by the peer's first SETTINGS: until then its max_concurrent_streams is unknown.
         self.ready: asyncio.Future[None] = loop.create_future()
@@ -127,9 +129,17 @@ class H2Client(H2Link):
         now = self.loop.time()
         self.last_frame_at = now
         self.ping_sent_at = 0.0  # any frame proves the peer alive, a PING ACK included
-        if not self.ready.done() and data.startswith(b"HTTP/1."):
-            self._fail_ready(ProtocolMismatch("the upstream answered in HTTP/1.1"))
-            return
+        if not self.ready.done():
+            # Before the peer's SETTINGS: an HTTP/1.1 server answers the preface with a status
+            # line, which may arrive a few bytes at a time.
+            data = self._probe + data
+            if len(data) < len(_HTTP1) and _HTTP1.startswith(data):
+                self._probe = data
+                return
+            self._probe = b""
+            if data.startswith(_HTTP1):
+                self._fail_ready(ProtocolMismatch("the upstream answered in HTTP/1.1"))
+                return
         try:
             events = self.h2.receive_data(data)
         except ProtocolError:

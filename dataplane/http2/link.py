@@ -131,6 +131,15 @@ class H2Link(asyncio.Protocol):
         queue.chunks.append((data, flow_len))
         self.pump(stream_id)
 
+    def queue_last(self, stream_id: int, data: bytes) -> None:
+        """Send ``data`` as the end of ``stream_id`` (END_STREAM on its last DATA frame)."""
+        queue = self._queues.get(stream_id)
+        if queue is None:
+            queue = self._queues[stream_id] = _Outbound()
+        queue.chunks.append((data, 0))
+        queue.end = True
+        self.pump(stream_id)
+
     def queue_end(self, stream_id: int, trailers: Headers | None) -> None:
         """End ``stream_id`` (with trailers, if any) after the data queued before."""
         queue = self._queues.get(stream_id)

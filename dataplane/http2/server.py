@@ -91,7 +91,10 @@ class H2ServerStream(Downstream):
             return
         if not exchange.finished:
             self.deadline.move(self.conn.limits.h2_stream_idle_timeout_s)
-        exchange.on_request_data(data, flow_len)
+        if data:
+            exchange.on_request_data(data, flow_len)
+        elif flow_len:
+            self.conn.acknowledge(self.stream_id, flow_len)  # padding alone
         if ended:
             self.on_end(NO_FIELDS)
 
@@ -161,9 +164,7 @@ class H2ServerStream(Downstream):
         if not self._headers(headers, not body):
             return
         if body:
-            conn = self.conn
-            conn.queue_data(self.stream_id, body, 0)
-            conn.queue_end(self.stream_id, None)
+            self.conn.queue_last(self.stream_id, body)
         else:
             self.sent()
 

@@ -243,7 +243,7 @@ def test_worker_processes_take_their_config_from_the_supervisor(
 
         def restarted() -> bool:
             workers = json.loads(proxy.admin_get("/config_dump")[1])["workers"]
-            return workers[0]["pid"] != victim and workers[0]["up"] and workers[0]["restarts"] == 1
+            return bool(workers[0]["pid"] != victim and workers[0]["up"] and workers[0]["restarts"] == 1)
         eventually(restarted, 15)
         for _ in range(10):  # both workers serve, the restarted one with the config it was sent
             assert get(proxy.port)[0] == 200

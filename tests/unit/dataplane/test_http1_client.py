@@ -103,10 +103,6 @@ def test_open_stream_chunked_with_trailers(proxy: Proxy) -> None:
     assert listener.taken == 3  # on its way: the client may send more
 
 
-@pytest.mark.xfail(strict=True, reason="bug: H1Client.send_data (dataplane/http1/client.py, "
-                   "`transport.writelines(chunk(data))`) writes chunk(b'') == b'0\\r\\n\\r\\n', the last "
-                   "chunk, for an empty piece of a chunked request body (an HTTP/2 client's empty DATA "
-                   "frame): the upstream sees the body end early and the real end as a new request")
 def test_an_empty_piece_of_a_chunked_body_writes_nothing(proxy: Proxy) -> None:
     conn, upstream = pooled_h1(proxy)
     request = Request(b"POST", b"/p", b"2", b"users", [], BODY_CHUNKED, -1, True, False, False)

@@ -343,10 +343,6 @@ def test_half_close_after_the_request_keeps_the_response_flowing(proxy: Proxy) -
     assert out.startswith(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n") and out.endswith(b"\r\n\r\nhello")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: H1Server.eof_received (dataplane/http1/server.py) returns True in "
-                   "_WAIT without remembering the half-close; when the response ends, _over/_next go back to "
-                   "_HEAD and the connection, which can carry no further request, stays open until "
-                   "keepalive_idle_timeout_s (60 s) instead of closing after the response")
 def test_half_closed_connection_closes_once_its_response_is_out(proxy: Proxy) -> None:
     server, client = client_h1(proxy)
     conn, _ = pooled_h1(proxy)

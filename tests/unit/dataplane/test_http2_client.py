@@ -340,10 +340,6 @@ def test_http11_answer_to_the_preface_is_a_protocol_mismatch(proxy: Proxy, loop:
     assert upstream_errors(proxy, "upstream_protocol_mismatch") == 1
 
 
-@pytest.mark.xfail(strict=True, reason="low severity: H2Client.data_received (dataplane/http2/client.py) "
-                   "recognises an HTTP/1.1 answer only when one read starts with b'HTTP/1.'; when the first "
-                   "read is shorter (b'HTTP/'), the next is parsed as a frame header (FRAME_SIZE_ERROR), "
-                   "ready fails with ConnectionError and _open_h2 reports connect_failed (503)")
 def test_http11_answer_split_across_reads_is_still_a_protocol_mismatch(proxy: Proxy, loop: VirtualLoop) -> None:
     server, client = client_h1(proxy)
     server.data_received(GET)

@@ -119,10 +119,6 @@ def test_whole_response_arrives_whole(proxy: Proxy) -> None:
     assert peer.of(h2.events.StreamEnded, 1)
 
 
-@pytest.mark.xfail(strict=True, reason="inefficiency against its docstring: H2ServerStream.send_response "
-                   "(dataplane/http2/server.py) calls queue_data, which pumps the body out at once, before "
-                   "queue_end, so the end leaves as a separate empty DATA frame: HEADERS, DATA, DATA(END_STREAM) "
-                   "instead of 'HEADERS, then DATA with END_STREAM' (H2Link.pump would join them)")
 def test_whole_response_is_headers_then_one_data_frame_with_end_stream(proxy: Proxy) -> None:
     _, _, peer = client_h2(proxy)
     conn, _ = pooled_h1(proxy)
@@ -377,11 +373,6 @@ def test_request_data_waits_unacknowledged_while_the_upstream_connects(proxy: Pr
     assert dict(peer.of(h2.events.ResponseReceived, 1)[0].headers)[b":status"] == b"503"
 
 
-@pytest.mark.xfail(strict=True, reason="bug: an empty DATA frame ending a request stream is handed on as body "
-                   "(H2ServerStream.on_data -> Exchange.on_request_data -> H1Client.send_data, "
-                   "dataplane/http1/client.py `transport.writelines(chunk(data))`), which writes chunk(b'') "
-                   "== the last chunk, then send_end writes it again: the HTTP/1.1 upstream receives "
-                   "'0\\r\\n\\r\\n0\\r\\n\\r\\n' (the second one is read as the start of another request)")
 def test_empty_data_frame_ending_a_stream_adds_nothing_upstream(proxy: Proxy) -> None:
     _, _, peer = client_h2(proxy)
     _, upstream = pooled_h1(proxy)
