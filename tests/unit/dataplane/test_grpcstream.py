@@ -11,12 +11,14 @@ stopped when its test ends, failed or not, and every wait is bounded.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import shutil
 import socket
 import ssl
 import struct
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
@@ -34,6 +36,7 @@ from h2.errors import ErrorCodes
 
 from dataplane.process.grpcstream import Endpoint, GrpcError, GrpcStream, StatusCode, open_stream, tls_context
 
+ROOT = Path(__file__).resolve().parents[3]
 T = TypeVar("T")
 Headers = list[tuple[bytes, bytes]]
 OK_HEAD: Headers = [(b":status", b"200"), (b"content-type", b"application/grpc")]
@@ -741,3 +744,13 @@ def test_a_ca_file_that_holds_no_certificate_is_named(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         tls_context(str(tmp_path / "missing.pem"))
 
+
+# ---------------------------------------------------------------------- the proxy process
+
+
+def test_the_proxy_process_does_not_import_grpc() -> None:
+    code = ("import dataplane.cli, dataplane.process.supervisor, dataplane.process.channel, dataplane.proxy, "
+            "dataplane.process.worker; import sys; assert 'grpc' not in sys.modules, 'grpc imported'")
+    result = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, capture_output=True, text=True,
+                            timeout=60, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert result.returncode == 0, result.stderr
