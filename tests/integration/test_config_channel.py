@@ -7,6 +7,7 @@ plane's HTTP API and the tests check where real requests go.
 
 from __future__ import annotations
 
+import functools
 import http.client
 import json
 import shutil
@@ -106,6 +107,17 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     finally:
         baseline.stop()
         sandbox.stop()
+
+
+def test_the_proxies_hold_their_streams_without_loading_grpc(fleet: Fleet) -> None:
+    # grpcio costs a process about 13.6 MB; the proxy's channel is turnout's own client.
+    def connected(proxy: ProxyProcess) -> bool:
+        return bool(json.loads(proxy.admin_get("/config_dump")[1])["control_plane"]["state"] == "connected")
+
+    for proxy in (fleet.delta, fleet.sotw):
+        eventually(functools.partial(connected, proxy))
+        assert "cygrpc" not in Path(f"/proc/{proxy.process.pid}/maps").read_text()
+    assert "cygrpc" in Path(f"/proc/{fleet.cp.process.pid}/maps").read_text()  # the check sees grpcio where it is
 
 
 def test_create_routes_on_every_proxy_and_delete_returns_to_baseline(fleet: Fleet) -> None:
