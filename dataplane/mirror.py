@@ -14,6 +14,7 @@ import asyncio
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
+from dataplane.message import field_lines
 from dataplane.upstream import UpstreamError, UpstreamListener
 
 if TYPE_CHECKING:
@@ -88,7 +89,8 @@ class MirrorCopy(UpstreamListener):
             carrier.release()
             return
         try:
-            stream = carrier.open_stream(self, self.request, self.fields, self.extra, self.size)
+            stream = carrier.open_stream(self, self.request, self.fields, self.extra, field_lines(self.extra),
+                                         self.size)
         except UpstreamError as exc:
             self._drop(exc.cause)
             return

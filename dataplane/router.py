@@ -28,7 +28,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Final
 
 from dataplane.http2.grpc import GRPC_DEADLINE_EXCEEDED, GRPC_UNAVAILABLE, parse_grpc_timeout, trailers_only
-from dataplane.message import BODY_LENGTH, BODY_NONE, NO_FIELDS, Fields, Request, Response
+from dataplane.message import BODY_LENGTH, BODY_NONE, NO_FIELDS, Fields, Request, Response, field_lines
 from dataplane.mirror import MirrorManager
 from dataplane.upstream import (
     NOT_CONNECTED,
@@ -109,8 +109,10 @@ class Downstream:
     peer: bytes  # the client's address, for x-forwarded-for
     listener: Listener
     # (x-forwarded-for, the client's address), (x-forwarded-proto, http|https): the proxy's
-    # own fields for a request that brings neither; the same for every request of a connection.
+    # own fields for a request that brings neither; the same for every request of a connection,
+    # so their HTTP/1.1 form is made once too.
     forwarded: Fields
+    forwarded_lines: bytes
 
     def arm(self, seconds: float) -> None:
         """Call the exchange's ``timed_out`` in ``seconds`` unless armed again before."""
@@ -256,12 +258,13 @@ class Exchange(UpstreamListener):
         self.mirror: MirrorCopy | None = None
         self._attempt = 0  # counts attempts, so a connect that finishes late is recognised
         self._deadline: asyncio.TimerHandle | None = None
-        self.fields, self.extra = self._forwarded(head)
+        self.fields, self.extra, self.extra_lines = self._forwarded(head)
 
     # ------------------------------------------------------------------ the upstream head
 
-    def _forwarded(self, head: RequestHead) -> tuple[Fields, Fields]:
-        """The client's fields as forwarded, and the proxy's own after them."""
+    def _forwarded(self, head: RequestHead) -> tuple[Fields, Fields, bytes]:
+        """The client's fields as forwarded, the proxy's own after them, and those as
+        HTTP/1.1 field lines."""
         request = self.request
         by_name = request.by_name
         found = head.found_key
@@ -270,8 +273,9 @@ class Exchange(UpstreamListener):
         if by_name is not None and not propagate and b"x-forwarded-for" not in by_name:
             # The usual request: every field as received, then the connection's own two.
             if b"x-forwarded-proto" not in by_name:
-                return request.fields, downstream.forwarded
-            return request.fields, downstream.forwarded[:1]
+                return request.fields, downstream.forwarded, downstream.forwarded_lines
+            own = downstream.forwarded[:1]
+            return request.fields, own, field_lines(own)
         fields: Fields = []
         xff = None
         proto = False
@@ -298,7 +302,7 @@ class Exchange(UpstreamListener):
         extra: Fields = [(b"x-forwarded-for", peer if xff is None else xff + b", " + peer)]
         if not proto:
             extra.append(downstream.forwarded[1])
-        return fields, extra
+        return fields, extra, field_lines(extra)
 
     # ------------------------------------------------------------------ attempts
 
@@ -365,7 +369,7 @@ class Exchange(UpstreamListener):
         else:
             length = -1
         try:
-            stream = carrier.open_stream(self, request, self.fields, self.extra, length)
+            stream = carrier.open_stream(self, request, self.fields, self.extra, self.extra_lines, length)
         except UpstreamError as exc:
             self._failed(exc)
             return

@@ -97,9 +97,11 @@ class Carrier(Protocol):
     connection is its own only stream; an HTTP/2 connection opens a new one)."""
 
     def open_stream(self, listener: UpstreamListener, request: Request, fields: Fields, extra: Fields,
-                    length: int) -> UpstreamStream:
-        """Send a request head: ``fields`` as forwarded, then the proxy's own ``extra``;
-        ``length`` is the body's size (0: none) or -1 when it is streamed to its end.
+                    extra_lines: bytes, length: int) -> UpstreamStream:
+        """Send a request head: ``fields`` as forwarded, then the proxy's own ``extra``
+        (``extra_lines``: the same as HTTP/1.1 field lines, made once per client connection in
+        the usual case); ``length`` is the body's size (0: none) or -1 when it is streamed to
+        its end.
         Raises ``UpstreamError`` (``REFUSED``) when the connection can no longer carry it."""
 
     def release(self) -> None:

@@ -166,7 +166,7 @@ class H1Client(UpstreamStream):
         return self._phase != _CLOSED and self.transport is not None and not self.transport.is_closing()
 
     def open_stream(self, listener: UpstreamListener, request: Request, fields: Fields, extra: Fields,
-                    length: int) -> UpstreamStream:
+                    extra_lines: bytes, length: int) -> UpstreamStream:
         """Write the request head and expect a response; the connection is the stream."""
         self.listener = listener
         method = request.method
@@ -189,10 +189,10 @@ class H1Client(UpstreamStream):
         else:
             framing = b"content-length: 0\r\n\r\n"  # RFC 9110 §8.6: say so for a method that takes a body
         if request.http2:
-            head = _from_http2(request, fields, extra, framing)
+            head = _from_http2(request, fields, extra_lines, framing)
         else:
-            head = b"".join((method, b" ", request.target, b" HTTP/1.1\r\n", field_lines(fields),
-                             field_lines(extra), framing))
+            head = b"".join((method, b" ", request.target, b" HTTP/1.1\r\n", field_lines(fields), extra_lines,
+                             framing))
         assert self.transport is not None
         self.transport.write(head)
         return self
@@ -373,7 +373,7 @@ class H1Client(UpstreamStream):
             listener.on_upstream_error(UpstreamError(status, reason, cause, phase))
 
 
-def _from_http2(request: Request, fields: Fields, extra: Fields, framing: bytes) -> bytes:
+def _from_http2(request: Request, fields: Fields, extra_lines: bytes, framing: bytes) -> bytes:
     """An HTTP/2 request's head in HTTP/1.1: ``:authority`` becomes Host, cookie crumbs one
     field (RFC 9113 §8.2.3), ``te`` is dropped (hop-by-hop)."""
     lines = [request.method, b" ", request.target, b" HTTP/1.1\r\nhost: ", request.authority, b"\r\n"]
@@ -386,7 +386,7 @@ def _from_http2(request: Request, fields: Fields, extra: Fields, framing: bytes)
             lines.append(name + b": " + value + b"\r\n")
     if cookies:
         lines.append(b"cookie: " + b"; ".join(cookies) + b"\r\n")
-    lines.append(field_lines(extra))
+    lines.append(extra_lines)
     lines.append(framing)
     return b"".join(lines)
 

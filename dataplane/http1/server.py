@@ -59,6 +59,7 @@ class H1Server(Downstream):
         self.transport: asyncio.Transport | None = None
         self.peer = b""
         self.forwarded: Fields = NO_FIELDS
+        self.forwarded_lines = b""
         self.phase = _HEAD
         self.exchange: Exchange | None = None
         self.request: Request | None = None
@@ -87,6 +88,7 @@ class H1Server(Downstream):
         self.peer = peer[0].encode("latin-1") if isinstance(peer, tuple) else b"unix"
         self.forwarded = [(b"x-forwarded-for", self.peer),
                           (b"x-forwarded-proto", b"http" if self.listener.tls is None else b"https")]
+        self.forwarded_lines = field_lines(self.forwarded)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -233,7 +233,7 @@ class H2Client(H2Link):
                 and len(self.streams) + self.reserved < self.h2.remote_max_concurrent_streams)
 
     def open_stream(self, listener: UpstreamListener, request: Request, fields: Fields, extra: Fields,
-                    length: int) -> UpstreamStream:
+                    extra_lines: bytes, length: int) -> UpstreamStream:
         """Send the request head on a new stream (taking this carrier's reservation)."""
         self.reserved -= 1
         headers: Fields = [(b":method", request.method), (b":scheme", b"http"),

@@ -38,7 +38,7 @@ from dataplane.http2.engine import (
     valid_value,
 )
 from dataplane.http2.link import H2Link
-from dataplane.message import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, NO_FIELDS, Fields, Request
+from dataplane.message import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, NO_FIELDS, Fields, Request, field_lines
 from dataplane.router import Downstream
 
 if TYPE_CHECKING:
@@ -69,6 +69,7 @@ class H2ServerStream(Downstream):
         self.peer = conn.peer
         self.listener = conn.listener
         self.forwarded = conn.forwarded
+        self.forwarded_lines = conn.forwarded_lines
         self.exchange: Exchange | None = None
         self.request_done = ended
         self.content_length = -1  # the request's content-length (-1: none given)
@@ -235,6 +236,7 @@ class H2Connection(H2Link):
         self.limits = limits  # the connection's own limits: those current when it opened
         self.peer = b""
         self.forwarded: Fields = NO_FIELDS
+        self.forwarded_lines = b""
         self.streams: dict[int, H2ServerStream] = {}
         self.counted = False  # counted as an open connection in metrics and connections
         self.last_stream_id = 0
@@ -258,6 +260,7 @@ class H2Connection(H2Link):
         self.peer = peer[0].encode("latin-1") if isinstance(peer, tuple) else b"unix"
         self.forwarded = [(b"x-forwarded-for", self.peer),
                           (b"x-forwarded-proto", b"http" if self.listener.tls is None else b"https")]
+        self.forwarded_lines = field_lines(self.forwarded)
         self.h2.initiate_connection()
         metrics = self.router.metrics
         if len(self.connections.open) >= limits.max_connections_per_worker:

@@ -29,7 +29,7 @@ import h2.connection
 import pytest
 
 from dataplane.http2.engine import H2Engine, ProtocolError
-from dataplane.message import BODY_CHUNKED, BODY_NONE, Request
+from dataplane.message import BODY_CHUNKED, BODY_NONE, Request, field_lines
 from dataplane.proxy import Proxy
 from dataplane.upstream import SENT, STALE, STARTED
 from tests.unit.dataplane.fakes import (
@@ -84,7 +84,7 @@ def test_open_stream_frames_by_length(proxy: Proxy) -> None:
     conn, upstream = pooled_h1(proxy)
     request = Request(b"POST", b"/p", b"1.1", b"users", [(b"host", b"users")], BODY_CHUNKED, -1, True, False, False)
     extra = [(b"x-extra", b"1")]
-    conn.open_stream(Recorder(), request, request.fields, extra, 7)
+    conn.open_stream(Recorder(), request, request.fields, extra, field_lines(extra), 7)
     assert upstream.take() == b"POST /p HTTP/1.1\r\nhost: users\r\nx-extra: 1\r\ncontent-length: 7\r\n\r\n"
     conn.send_data(b"1234567", 7)
     conn.send_end([(b"x-t", b"1")])  # a Content-Length body carries no trailers
@@ -95,7 +95,7 @@ def test_open_stream_chunked_with_trailers(proxy: Proxy) -> None:
     conn, upstream = pooled_h1(proxy)
     listener = Recorder()
     request = Request(b"POST", b"/p", b"1.1", b"users", [(b"host", b"users")], BODY_CHUNKED, -1, True, False, False)
-    conn.open_stream(listener, request, request.fields, [], -1)
+    conn.open_stream(listener, request, request.fields, [], b"", -1)
     conn.send_data(b"abc", 3)
     conn.send_end([(b"x-sum", b"7")])
     assert upstream.take() == (b"POST /p HTTP/1.1\r\nhost: users\r\ntransfer-encoding: chunked\r\n\r\n"
@@ -107,7 +107,7 @@ def test_an_empty_piece_of_a_chunked_body_writes_nothing(proxy: Proxy) -> None:
     conn, upstream = pooled_h1(proxy)
     request = Request(b"POST", b"/p", b"2", b"users", [], BODY_CHUNKED, -1, True, False, False)
     request.http2 = True
-    conn.open_stream(Recorder(), request, [], [], -1)
+    conn.open_stream(Recorder(), request, [], [], b"", -1)
     upstream.take()
     conn.send_data(b"", 0)
     conn.send_data(b"abc", 3)
@@ -120,7 +120,8 @@ def test_http2_request_head_in_http11(proxy: Proxy) -> None:
     fields = [(b"cookie", b"a=1"), (b"user-agent", b"h2"), (b"te", b"trailers"), (b"cookie", b"b=2")]
     request = Request(b"GET", b"/q?x=1", b"2", b"users:8080", fields, BODY_NONE, -1, True, False, False)
     request.http2 = True
-    conn.open_stream(Recorder(), request, fields, [(b"x-forwarded-for", b"10.0.0.1")], 0)
+    conn.open_stream(Recorder(), request, fields, [(b"x-forwarded-for", b"10.0.0.1")],
+                     b"x-forwarded-for: 10.0.0.1\r\n", 0)
     assert upstream.take() == (b"GET /q?x=1 HTTP/1.1\r\nhost: users:8080\r\nuser-agent: h2\r\n"
                                b"cookie: a=1; b=2\r\nx-forwarded-for: 10.0.0.1\r\n\r\n")
 
@@ -329,7 +330,7 @@ def test_upstream_phases_reported_by_the_connection(proxy: Proxy) -> None:
         conn.reused = reused
         listener = Recorder()
         request = Request(b"GET", b"/", b"1.1", b"users", [(b"host", b"users")], BODY_NONE, 0, True, False, False)
-        conn.open_stream(listener, request, request.fields, [], 0)
+        conn.open_stream(listener, request, request.fields, [], b"", 0)
         if answer:
             conn.data_received(answer)
         transport.lose()

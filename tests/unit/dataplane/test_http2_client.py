@@ -156,7 +156,7 @@ def test_open_stream_never_copies_host_expect_or_content_length(proxy: Proxy, lo
     conn.reserved += 1
     fields = [(b"host", b"h"), (b"expect", b"100-continue"), (b"content-length", b"9"), (b"x-a", b"1")]
     request = Request(b"PUT", b"/z", b"1.1", b"auth", fields, BODY_NONE, 0, True, True, False)
-    conn.open_stream(Recorder(), request, fields, [(b"x-b", b"2")], 3)
+    conn.open_stream(Recorder(), request, fields, [(b"x-b", b"2")], b"x-b: 2\r\n", 3)
     peer.pump()
     assert requests(peer)[0].headers == [(b":method", b"PUT"), (b":scheme", b"http"), (b":authority", b"auth"),
                                          (b":path", b"/z"), (b"x-a", b"1"), (b"x-b", b"2"),
@@ -303,7 +303,7 @@ def test_phases_reported_to_the_listener(proxy: Proxy, loop: VirtualLoop, action
     listener = Recorder()
     conn.reserved += 1
     request = Request(b"GET", b"/x", b"1.1", b"users", [], BODY_NONE, 0, True, False, False)
-    conn.open_stream(listener, request, [], [], 0)
+    conn.open_stream(listener, request, [], [], b"", 0)
     peer.pump()
     if action == "refused":
         peer.h2.reset_stream(3, ErrorCodes.REFUSED_STREAM)

@@ -14,7 +14,7 @@ from typing import Any, cast
 import pytest
 
 from dataplane.config import parse_config
-from dataplane.message import BODY_LENGTH, BODY_NONE, NO_FIELDS, Fields, Request, Response
+from dataplane.message import BODY_LENGTH, BODY_NONE, NO_FIELDS, Fields, Request, Response, field_lines
 from dataplane.metrics import Metrics
 from dataplane.outlier import OutlierDetector
 from dataplane.router import CUT, FAIL, FALLBACK, RETRY, Downstream, Exchange, Router, next_step
@@ -82,7 +82,8 @@ class FakeCarrier:
         self.released = False
 
     def open_stream(self, listener: UpstreamListener, request: Request, fields: Fields, extra: Fields,
-                    length: int) -> UpstreamStream:
+                    extra_lines: bytes, length: int) -> UpstreamStream:
+        assert extra_lines == field_lines(extra)
         self.stream = FakeStream(self, listener, request, fields, extra, length)
         return self.stream
 
@@ -132,6 +133,7 @@ class FakeDownstream(Downstream):
         self.peer = b"192.0.2.7"
         self.listener = router.runtime.config.listeners[0]
         self.forwarded = [(b"x-forwarded-for", self.peer), (b"x-forwarded-proto", b"https" if tls else b"http")]
+        self.forwarded_lines = field_lines(self.forwarded)
         self.exchange: Exchange | None = None
         self.armed: list[float] = []
         self.acked = 0
