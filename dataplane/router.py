@@ -57,8 +57,8 @@ IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"
 # What to do after a failed attempt.
 RETRY, FALLBACK, FAIL, CUT = range(4)
 # How an attempt is carried upstream, per listener and route (Listener.upstream_protocol).
-_INHERIT, _HTTP1, _HTTP2, _AUTO = range(4)
-_PROTOCOLS: Final = {"": _INHERIT, "http1": _HTTP1, "http2": _HTTP2, "auto": _AUTO}
+_HTTP1, _HTTP2, _AUTO = range(3)
+_PROTOCOLS: Final = {"http1": _HTTP1, "http2": _HTTP2, "auto": _AUTO}
 _TEXT_PLAIN: Final = b"text/plain; charset=utf-8"
 # Failures that count against a sandbox for outlier detection: not a stale pooled
 # connection (the retry decides), not a client that went away.
@@ -113,6 +113,10 @@ class Downstream:
     # so their HTTP/1.1 form is made once too.
     forwarded: Fields
     forwarded_lines: bytes
+    # Decided once per connection from its listener (see ``listener_plan``): the service and
+    # baseline of an inbound listener (None: by authority), and how its upstreams are spoken to.
+    fixed_target: tuple[str, Address] | None
+    upstream_choice: int
 
     def arm(self, seconds: float) -> None:
         """Call the exchange's ``timed_out`` in ``seconds`` unless armed again before."""
@@ -149,6 +153,13 @@ class Downstream:
         raise NotImplementedError
 
 
+def listener_plan(listener: Listener) -> tuple[tuple[str, Address] | None, int]:
+    """What a connection decides once from its listener: ``Downstream.fixed_target`` and
+    ``Downstream.upstream_choice``."""
+    fixed = listener.target("") if listener.mode == "inbound" else None
+    return fixed, _PROTOCOLS[listener.upstream_protocol]
+
+
 class Router:
     """One worker's router: the current runtime, its upstreams, metrics and mirrors."""
 
@@ -167,14 +178,16 @@ class Router:
         """Route a request: its exchange, to ``begin`` once the caller holds it; or None when
         it was answered at once (an authority the listener cannot route)."""
         rt = self.runtime
-        listener = downstream.listener
         authority = request.authority
-        try:
-            service, baseline = listener.target(authority.decode("latin-1").lower())
-        except ValueError:
-            self.reply(downstream, request, 400, "cannot route to authority "
-                       + repr(authority.decode("latin-1")), "bad_authority")
-            return None
+        target = downstream.fixed_target
+        if target is None:
+            try:
+                target = downstream.listener.target(authority.decode("latin-1").lower())
+            except ValueError:
+                self.reply(downstream, request, 400, "cannot route to authority "
+                           + repr(authority.decode("latin-1")), "bad_authority")
+                return None
+        service, baseline = target
         if not authority:
             # HTTP/1.0 without Host: the upstream request is HTTP/1.1, which requires one.
             request.authority = authority = str(baseline).encode("latin-1")
@@ -388,9 +401,7 @@ class Exchange(UpstreamListener):
         """Whether a request goes upstream over HTTP/2: what the route says, else what its
         listener says (``http1`` unless configured); gRPC always, an upgrade never."""
         request = self.request
-        choice = _PROTOCOLS[route_protocol]
-        if choice == _INHERIT:
-            choice = _PROTOCOLS[self.downstream.listener.upstream_protocol]
+        choice = _PROTOCOLS[route_protocol] if route_protocol else self.downstream.upstream_choice
         return not request.websocket and (request.grpc or choice == _HTTP2 or (choice == _AUTO and request.http2))
 
     def _response_timeout(self) -> float:

@@ -28,7 +28,7 @@ from dataplane.http1.framing import ChunkedDecoder, ContentLengthDecoder, Decode
 from dataplane.http1.scan import check_head, find_head_end, skip_leading_crlf
 from dataplane.http1.semantics import plan_request
 from dataplane.message import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, NO_FIELDS, Fields, field_lines
-from dataplane.router import Downstream, local_response
+from dataplane.router import Downstream, listener_plan, local_response
 
 if TYPE_CHECKING:
     from dataplane.config import Limits, Listener
@@ -60,6 +60,7 @@ class H1Server(Downstream):
         self.peer = b""
         self.forwarded: Fields = NO_FIELDS
         self.forwarded_lines = b""
+        self.fixed_target, self.upstream_choice = listener_plan(listener)
         self.phase = _HEAD
         self.exchange: Exchange | None = None
         self.request: Request | None = None

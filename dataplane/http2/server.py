@@ -39,7 +39,7 @@ from dataplane.http2.engine import (
 )
 from dataplane.http2.link import H2Link
 from dataplane.message import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, NO_FIELDS, Fields, Request, field_lines
-from dataplane.router import Downstream
+from dataplane.router import Downstream, listener_plan
 
 if TYPE_CHECKING:
     import asyncio
@@ -70,6 +70,8 @@ class H2ServerStream(Downstream):
         self.listener = conn.listener
         self.forwarded = conn.forwarded
         self.forwarded_lines = conn.forwarded_lines
+        self.fixed_target = conn.fixed_target
+        self.upstream_choice = conn.upstream_choice
         self.exchange: Exchange | None = None
         self.request_done = ended
         self.content_length = -1  # the request's content-length (-1: none given)
@@ -237,6 +239,7 @@ class H2Connection(H2Link):
         self.peer = b""
         self.forwarded: Fields = NO_FIELDS
         self.forwarded_lines = b""
+        self.fixed_target, self.upstream_choice = listener_plan(listener)
         self.streams: dict[int, H2ServerStream] = {}
         self.counted = False  # counted as an open connection in metrics and connections
         self.last_stream_id = 0

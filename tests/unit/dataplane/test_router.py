@@ -17,7 +17,7 @@ from dataplane.config import parse_config
 from dataplane.message import BODY_LENGTH, BODY_NONE, NO_FIELDS, Fields, Request, Response, field_lines
 from dataplane.metrics import Metrics
 from dataplane.outlier import OutlierDetector
-from dataplane.router import CUT, FAIL, FALLBACK, RETRY, Downstream, Exchange, Router, next_step
+from dataplane.router import CUT, FAIL, FALLBACK, RETRY, Downstream, Exchange, Router, listener_plan, next_step
 from dataplane.runtime import build_runtime
 from dataplane.upstream import (
     NOT_CONNECTED,
@@ -134,6 +134,7 @@ class FakeDownstream(Downstream):
         self.listener = router.runtime.config.listeners[0]
         self.forwarded = [(b"x-forwarded-for", self.peer), (b"x-forwarded-proto", b"https" if tls else b"http")]
         self.forwarded_lines = field_lines(self.forwarded)
+        self.fixed_target, self.upstream_choice = listener_plan(self.listener)
         self.exchange: Exchange | None = None
         self.armed: list[float] = []
         self.acked = 0
@@ -462,6 +463,7 @@ def test_an_unroutable_authority_is_answered_400_before_routing() -> None:
     w = World(config)
     try:
         down = FakeDownstream(w.router)
+        down.fixed_target = None  # an outbound listener routes by authority
         request = w.request()
         request.authority = b"bad host"
         assert w.router.handle(down, request) is None
