@@ -11,7 +11,8 @@ _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"
 
 
 class ControlPlaneMetrics:
-    """Sessions, revision, API requests, policy refusals and reloads, expired sessions."""
+    """Sessions, revision, API requests, refused credentials, policy refusals and reloads, rate
+    limiting, expired sessions."""
 
     def __init__(self, registry: CollectorRegistry, store: SessionStore) -> None:
         sessions = Gauge("turnout_cp_sessions", "Sessions in the store", registry=registry)
@@ -26,6 +27,11 @@ class ControlPlaneMetrics:
                                         registry=registry)
         self._policy_reloads = Counter("turnout_cp_policy_reloads", "Policy file reloads (SIGHUP) by result",
                                        ["result"], registry=registry)
+        # Push streams refused are turnout_cp_push_streams_refused_total{code}.
+        self.auth_failures = Counter("turnout_cp_auth_failures", "API requests refused for their credentials (401)",
+                                     registry=registry)
+        self.rate_limited = Counter("turnout_cp_rate_limited", "Session changes refused by the per-identity rate "
+                                    "limit (429)", registry=registry)
 
     def api_request(self, method: str, status: int) -> None:
         """Count one answered API request."""
