@@ -262,7 +262,7 @@ class ApiService:
         if "id" not in spec:
             spec["id"] = self._new_id()
         if "ttl_s" not in spec and "expires_at" not in spec:
-            spec["ttl_s"] = self.policy.default_ttl_s
+            spec["ttl_s"] = self.policy.default_ttl_for(identity.groups)
         session = self._parse(spec, now, problems)
         policy = self.policy
         policy.check_create(session, now, self.store.count(), self.store.count(session.owner), identity.groups)

@@ -250,7 +250,9 @@ class HttpServer:
                 return
             except h11.RemoteProtocolError as exc:
                 if conn_h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                    reply = error_reply(exc.error_status_hint, "bad_request", f"malformed HTTP request: {exc}")
+                    reply = error_reply(431, "too_large", "request head over the limit of "
+                                        f"{self.limits.max_head_bytes} bytes") if exc.error_status_hint == 431 \
+                        else error_reply(exc.error_status_hint, "bad_request", f"malformed HTTP request: {exc}")
                     await self._send(conn_h11, writer, reply, close=True)
                     await _linger(reader, writer)
                 return

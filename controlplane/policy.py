@@ -210,6 +210,11 @@ class Policy:
         matched = [self.groups[g] for g in sorted(set(groups)) if g in self.groups]
         return Rules.merge(matched) if matched else self.defaults
 
+    def default_ttl_for(self, groups: Iterable[str]) -> float:
+        """The lifetime of a session created without one: ``default_ttl_s``, cut to the caller's max_ttl_s."""
+        max_ttl_s = self.rules_for(groups).max_ttl_s
+        return self.default_ttl_s if max_ttl_s is None else min(self.default_ttl_s, max_ttl_s)
+
     def check_create(self, session: Session, now: float, total_sessions: int, owner_sessions: int,
                      groups: Iterable[str] = ()) -> None:
         """Raise ``PolicyRefused`` if a caller in ``groups`` may not create ``session``.
@@ -368,11 +373,10 @@ def parse_policy(data: Any, where: str = "policy") -> Policy:
                 groups[group] = dataclasses.replace(_rules(spec, defaults, at, fail), groups=(group,))
     changes["groups"] = groups
     default_ttl_s = changes.get("default_ttl_s", policy.default_ttl_s)
-    for name, rules in [("", defaults), *((f"groups.{g}.", r) for g, r in groups.items())]:
-        if rules.max_ttl_s is not None and default_ttl_s > rules.max_ttl_s:
-            fail(f"{where}.{name}max_ttl_s" if name else f"{where}.default_ttl_s",
-                 f"default_ttl_s ({format_duration(default_ttl_s)}) is longer than max_ttl_s "
-                 f"({format_duration(rules.max_ttl_s)}); every create without a ttl would be refused")
+    # (A group's lower max_ttl_s is fine: its members' default is cut to it, see default_ttl_for.)
+    if defaults.max_ttl_s is not None and default_ttl_s > defaults.max_ttl_s:
+        fail(f"{where}.default_ttl_s", f"{format_duration(default_ttl_s)} is longer than max_ttl_s "
+             f"({format_duration(defaults.max_ttl_s)}); every create without a ttl would be refused")
     if problems:
         raise ValidationError(problems)
     return dataclasses.replace(policy, **changes)
