@@ -191,16 +191,22 @@ class ProxyRecord:
 
 
 class PushService(config_pb2_grpc.SessionDiscoveryServicer):
-    """Serves ``turnout.v1.SessionDiscovery`` from a session store."""
+    """Serves ``turnout.v1.SessionDiscovery`` from a session store.
 
-    def __init__(self, store: StoreLike, control_plane_id: str,
-                 authenticate: Callable[[str | None], Awaitable[Identity]], roles: Roles, audit: AuditLog,
-                 limits: Limits | None = None, registry: CollectorRegistry | None = None,
+    ``authenticate`` turns a stream's ``authorization`` metadata into an identity; ``roles``
+    says which identities are proxies. Without ``authenticate`` every stream is taken as a
+    proxy: only for a gRPC server that authenticates its callers itself (``turnout
+    control-plane`` always passes one). ``audit`` records streams opened, ended and refused.
+    """
+
+    def __init__(self, store: StoreLike, control_plane_id: str, registry: CollectorRegistry | None = None, *,
+                 authenticate: Callable[[str | None], Awaitable[Identity]] | None = None, roles: Roles | None = None,
+                 audit: AuditLog | None = None, limits: Limits | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.control_plane_id = control_plane_id
         self._authenticate = authenticate
-        self._roles = roles
+        self._roles = roles or Roles()
         self._audit = audit
         self._limits = limits or Limits()
         self._clock = clock
@@ -333,7 +339,7 @@ class PushService(config_pb2_grpc.SessionDiscoveryServicer):
         else:
             record.acked_version = first.version_info
         self._live.add(record)
-        self._audit.record(self._audit.entry(identity.name, peer, "proxy_connect", detail=_node_detail(record)))
+        self._record_audit(identity.name, peer, "proxy_connect", detail=_node_detail(record))
         self._prune()
         reader = asyncio.get_running_loop().create_task(self._read(context, record))
         try:
@@ -363,6 +369,8 @@ class PushService(config_pb2_grpc.SessionDiscoveryServicer):
             if key == "authorization":
                 authorization = value if isinstance(value, str) else None
                 break
+        if self._authenticate is None:
+            return _TRUSTED
         try:
             identity = await self._authenticate(authorization)
         except Unauthorized as exc:
@@ -416,12 +424,9 @@ class PushService(config_pb2_grpc.SessionDiscoveryServicer):
     async def _refuse(self, context: grpc.aio.ServicerContext, identity: str, peer: str, code: grpc.StatusCode,
                       message: str, node_id: str | None = None, read_first: bool = True) -> None:
         self._refused.labels(code.name).inc()
-        entry = self._audit.entry(identity, peer, "proxy_refuse", outcome=code.name.lower(),
-                                  detail={"reason": message, **({"node": node_id} if node_id else {})})
-        if identity == UNAUTHENTICATED:
-            self._audit.record_limited(entry, _host(peer))
-        else:
-            self._audit.record(entry)
+        self._record_audit(identity, peer, "proxy_refuse", code.name.lower(),
+                           {"reason": message, **({"node": node_id} if node_id else {})},
+                           limited_by=_host(peer) if identity == UNAUTHENTICATED else None)
         if read_first:
             # Take the caller's first message before answering: a grpc.aio client whose write is
             # still in flight when the status lands reports INTERNAL instead of the status
@@ -443,9 +448,18 @@ class PushService(config_pb2_grpc.SessionDiscoveryServicer):
         record.pending_changes = {}
         record.dirty = set()
         if self._records.get(record.node_id) is record:
-            self._audit.record(self._audit.entry(record.identity, record.peer, "proxy_disconnect",
-                                                 detail=_node_detail(record)))
+            self._record_audit(record.identity, record.peer, "proxy_disconnect", detail=_node_detail(record))
         self._prune()
+
+    def _record_audit(self, identity: str, peer: str, action: str, outcome: str = "ok",
+                      detail: dict[str, Any] | None = None, limited_by: str | None = None) -> None:
+        if self._audit is None:
+            return
+        entry = self._audit.entry(identity, peer, action, outcome, detail=detail)
+        if limited_by is not None:
+            self._audit.record_limited(entry, limited_by)
+        else:
+            self._audit.record(entry)
 
     def _prune(self) -> None:
         """Forget disconnected proxies past the retention time, and the oldest beyond the most kept."""
@@ -569,6 +583,10 @@ class PushService(config_pb2_grpc.SessionDiscoveryServicer):
         record.dirty = set()
         record.pending_changes = changes
         return response
+
+
+# The identity of every stream when the gRPC server authenticates on its own.
+_TRUSTED = Identity("proxy", frozenset(Roles().proxy_groups), "the transport")
 
 
 def _host(peer: str) -> str:

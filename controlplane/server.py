@@ -193,7 +193,8 @@ class ControlPlane:
         registry = CollectorRegistry()
         metrics = ControlPlaneMetrics(registry, store)
         audit = AuditLog(store, limits)
-        push = PushService(store, self._control_plane_id, authenticator.authenticate, roles, audit, limits, registry)
+        push = PushService(store, self._control_plane_id, registry, authenticate=authenticator.authenticate,
+                           roles=roles, audit=audit, limits=limits)
         api = ApiService(store, self._policy, authenticator.authenticate, roles, push, registry, metrics, audit,
                          limits)
         http = HttpServer(api.handle, api.admit, limits)
