@@ -49,7 +49,8 @@ DISJOINT = [
 OVERLAPPING = [
     ({"header": {"name": "x-user", "exact": "bob"}}, {"header": {"name": "x-user", "present": True}}),
     ({"header": {"name": "x-user", "exact": "bob"}}, {"header": {"name": "x-team", "exact": "a"}}),
-    ({"header": {"name": "x-user", "exact": "bob", "ignore_case": True}}, {"header": {"name": "x-user", "exact": "BOB"}}),
+    ({"header": {"name": "x-user", "exact": "bob", "ignore_case": True}},
+     {"header": {"name": "x-user", "exact": "BOB"}}),
     ({"path": {"prefix": "/api"}}, {"path": {"prefix": "/api/users"}}),
     ({"header": {"name": "x-user", "regex": "b.*"}}, {"header": {"name": "x-user", "regex": ".*b"}}),
     ({"not": {"header": {"name": "x-user", "exact": "bob"}}}, {"header": {"name": "x-user", "present": True}}),

@@ -250,7 +250,7 @@ def test_a_member_of_several_groups_gets_the_most_permissive_rule() -> None:
     policy = parse_policy(GROUPS)
     rules = policy.rules_for(["agents", "developers", "unknown-group"])
     assert set(rules.allowed_services or ()) == {"users", "orders"}
-    assert rules.max_priority == 50 and rules.modes == {"steal", "mirror", "steal_without_key"}
+    assert rules.max_priority == 50 and rules.modes == frozenset({"steal", "mirror", "steal_without_key"})
     assert rules.max_ttl_s == 28800, "agents inherit the defaults' max_ttl_s, which is the larger"
     assert rules.allowed_destinations is None, "agents set none: any destination"
     assert rules.allow_lower_priority_overlap
