@@ -85,14 +85,15 @@ def whoami(cp: ControlPlane, token: str) -> tuple[int, Any]:
     return cp.request("GET", "/v1/whoami", token=token)
 
 
-def person(key: SigningKey, email: str = "alice@example.com", **extra: Any) -> dict[str, Any]:
-    return claims(IDP, "00u1abc", email=email, groups=["developers", "oncall"], **extra)
+def person(key: SigningKey, email: str = "alice@example.com") -> dict[str, Any]:
+    return claims(IDP, "00u1abc", email=email, groups=["developers", "oncall"])
 
 
-def service_account(name: str = NODE_SA, pod: str = "turnout-node-x7k2p", **extra: Any) -> dict[str, Any]:
-    return claims(CLUSTER, name, audience=["turnout-control-plane"], **{
-        "kubernetes.io": {"namespace": "turnout", "pod": {"name": pod, "uid": "u-1"},
-                          "serviceaccount": {"name": name.rsplit(":", 1)[1], "uid": "u-2"}}}, **extra)
+def service_account(name: str = NODE_SA, pod: str = "turnout-node-x7k2p") -> dict[str, Any]:
+    """A projected service-account token's claims, as the Kubernetes API server issues them."""
+    bound = {"namespace": "turnout", "pod": {"name": pod, "uid": "u-1"},
+             "serviceaccount": {"name": name.rsplit(":", 1)[1], "uid": "u-2"}}
+    return {**claims(CLUSTER, name, audience=["turnout-control-plane"]), "kubernetes.io": bound}
 
 
 def test_oidc_tokens_signed_by_a_jwks_file_key(setup: Setup) -> None:
