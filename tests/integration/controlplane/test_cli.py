@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import http.server
 import re
+import threading
 from pathlib import Path
 
 from tests.integration.cp_support import ControlPlane, run_cli, running_control_plane, write_policy
@@ -110,6 +112,40 @@ def test_unreachable_exits_3_naming_the_url() -> None:
     assert result.code == 3 and url in result.err and "connection refused" in result.err
     as_json = run_cli(None, "status", "--json", "--control-plane", url, token="t")
     assert as_json.code == 3 and as_json.json()["error"] == "unreachable" and as_json.json()["url"] == url
+
+
+def test_a_server_that_is_not_a_turnout_control_plane_is_named_as_such() -> None:
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"<html>hello</html>"
+            self.send_response(200)
+            self.send_header("content-type", "text/html")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            return
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        result = run_cli(None, "session", "list", url=url, token="t")
+        assert result.code == 3 and result.err.count("\n") == 1 and url in result.err
+        assert "is not a turnout control plane" in result.err and "18080" in result.err
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def test_https_to_a_plain_http_control_plane_says_to_use_http(control_plane: ControlPlane) -> None:
+    url = control_plane.api_url.replace("http://", "https://")
+    result = run_cli(None, "session", "list", url=url, token="t")
+    assert result.code == 3 and result.err.count("\n") == 1 and url in result.err
+    assert "does not speak TLS there; use http://" in result.err and "Traceback" not in result.err
 
 
 def test_extend_is_capped_by_policy(tmp_path: Path) -> None:

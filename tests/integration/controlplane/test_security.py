@@ -163,6 +163,10 @@ def test_tls(tmp_path: Path, certificate: tuple[Path, Path]) -> None:
         untrusted = run_cli(cp, "session", "list")
         assert untrusted.code == 3 and "certificate is not trusted" in untrusted.err and "--ca-file" in untrusted.err
         assert untrusted.err.count("\n") == 1 and "Traceback" not in untrusted.err
+        plain = cp.api_url.replace("https://", "http://")
+        mismatch = run_cli(None, "session", "list", url=plain, token=TOKEN)
+        assert mismatch.code == 3 and mismatch.err.count("\n") == 1 and plain in mismatch.err
+        assert "use https://" in mismatch.err and "Traceback" not in mismatch.err
 
         credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
         with open_stream(cp.grpc_target, "wrong-token", credentials) as call:
