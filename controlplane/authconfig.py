@@ -179,11 +179,12 @@ def _issuer(spec: Any, base: Path, where: str, fail: Callable[[str, str], None])
         if problem is not None:
             bad(f"{where}.jwks_url", problem)
         changes["jwks_url"] = url
-    for name in ("jwks_refresh_s", "jwks_min_refresh_s", "leeway_s"):
+    for name, least in (("jwks_refresh_s", 1.0), ("jwks_min_refresh_s", 0.0), ("leeway_s", 0.0)):
         if name in spec:
             value = spec[name]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-                bad(f"{where}.{name}", "must be a number of seconds")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not least <= value < math.inf:
+                bad(f"{where}.{name}", "must be a positive number of seconds" if least else "must be a number of "
+                    "seconds, 0 or more")
             else:
                 changes[name] = float(value)
     if "algorithms" in spec:
