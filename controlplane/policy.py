@@ -290,13 +290,13 @@ class Policy:
                         continue
                     if rules.allow_lower_priority_overlap and route.priority < theirs.priority:
                         continue
-                    fix = (f"or give it a priority below {theirs.priority}" if rules.allow_lower_priority_overlap
-                           else f"{rules.whose()} does not allow overlaps (allow_lower_priority_overlap)")
+                    fix = (f", or give it a priority below {theirs.priority}" if rules.allow_lower_priority_overlap
+                           else f"; overlaps are not allowed under {rules.whose()} (allow_lower_priority_overlap)")
                     raise Conflict(
                         f"filter-only session {session.id!r} (service {route.service!r}, priority {route.priority}) "
                         f"could take requests that session {other.id!r} of {other.owner!r} already matches "
                         f"(priority {theirs.priority}); make the filters exclusive (e.g. another value of the same "
-                        f"header) {fix}", other.id, session.id)
+                        f"header){fix}", other.id, session.id)
 
 
 def _check_ttl(rules: Rules, expires_at: float | None, now: float) -> None:

@@ -332,7 +332,7 @@ def test_lower_priority_overlap_needs_the_policy_and_a_lower_priority() -> None:
     alice = stored(named("a1", None, owner="alice", priority=5, match={"header": {"name": "x-user", "exact": "bob"}}))
     under = named("m", None, owner="mallory", priority=4, match={"header": {"name": "x-user", "present": True}})
     equal = named("m", None, owner="mallory", priority=5, match={"header": {"name": "x-user", "present": True}})
-    with pytest.raises(Conflict, match="does not allow overlaps"):
+    with pytest.raises(Conflict, match="overlaps are not allowed under the policy's defaults"):
         Policy().check_overlap(under, None, [alice], NOW)
     policy = parse_policy(GROUPS)
     policy.check_overlap(under, None, [alice], NOW, ["agents"])
