@@ -154,6 +154,11 @@ class HttpServer:
         """Open connections."""
         return len(self._connections)
 
+    @property
+    def unauthenticated(self) -> int:
+        """Open connections that have not authenticated yet."""
+        return len(self._unauthenticated)
+
     async def close(self, grace_s: float) -> None:
         """Stop accepting, close idle connections, give requests in flight ``grace_s``, then cut the rest."""
         self._closing = True

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from controlplane.store import SessionStore
@@ -15,6 +17,7 @@ class ControlPlaneMetrics:
     limiting, expired sessions."""
 
     def __init__(self, registry: CollectorRegistry, store: SessionStore) -> None:
+        self._registry = registry
         sessions = Gauge("turnout_cp_sessions", "Sessions in the store", registry=registry)
         sessions.set_function(store.count)
         revision = Gauge("turnout_cp_revision", "Revision of the last change to the store", registry=registry)
@@ -32,6 +35,16 @@ class ControlPlaneMetrics:
                                      registry=registry)
         self.rate_limited = Counter("turnout_cp_rate_limited", "Session changes refused by the per-identity rate "
                                     "limit (429)", registry=registry)
+
+    def watch_connections(self, authenticated: Callable[[], int], unauthenticated: Callable[[], int],
+                          evicted: Callable[[], int]) -> None:
+        """Export the API server's connection pools (read at scrape time)."""
+        open_connections = Gauge("turnout_cp_api_connections", "Open API connections, by whether one of their "
+                                 "requests has authenticated", ["state"], registry=self._registry)
+        open_connections.labels("authenticated").set_function(authenticated)
+        open_connections.labels("unauthenticated").set_function(unauthenticated)
+        Gauge("turnout_cp_api_connections_evicted", "Unauthenticated API connections closed to make room for new "
+              "ones, since start", registry=self._registry).set_function(evicted)
 
     def api_request(self, method: str, status: int) -> None:
         """Count one answered API request."""

@@ -8,9 +8,9 @@ SIGINT: stop accepting, end every push stream, give requests in flight
 ``SHUTDOWN_GRACE_S``, close the store, exit 0.
 
 Credentials: ``--auth FILE`` configures identities (``controlplane.authconfig``). Two
-bootstrap tokens add to it or stand alone: ``--token-file`` (identity ``admin``, in the
-first admin group, and in the first proxy group too unless ``--proxy-token-file`` is given)
-and ``--proxy-token-file`` (identity ``proxy``). With neither ``--auth`` nor
+bootstrap tokens add to it or stand alone: ``--token-file`` (identity ``admin``, in an admin
+group, and in a proxy group too unless ``--proxy-token-file`` is given; the alphabetically
+first of each) and ``--proxy-token-file`` (identity ``proxy``, in a proxy group). With neither ``--auth`` nor
 ``--token-file``, an admin token is generated for the run and written to
 ``controlplane.auth.local_token_path(port)``, where the CLI on this machine finds it: local
 use needs no setup, and nothing is ever open.
@@ -198,6 +198,8 @@ class ControlPlane:
         api = ApiService(store, self._policy, authenticator.authenticate, roles, push, registry, metrics, audit,
                          limits)
         http = HttpServer(api.handle, api.admit, limits)
+        metrics.watch_connections(lambda: http.connections - http.unauthenticated, lambda: http.unauthenticated,
+                                  lambda: http.evicted)
         server = grpc.aio.server(options=GRPC_OPTIONS)
         config_pb2_grpc.add_SessionDiscoveryServicer_to_server(push, server)  # type: ignore[no-untyped-call]
         grpc_host, grpc_port = self._grpc_address

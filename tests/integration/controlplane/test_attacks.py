@@ -249,6 +249,10 @@ def test_530_idle_unauthenticated_connections_lock_nobody_out(cp: ControlPlane) 
         with cp.client(token=ALICE) as http:
             assert http.get("/v1/sessions").status_code == 200
         assert time.monotonic() - started < 3, "served at once, not after the idle ones time out"
+        with cp.client(token=None) as http:
+            metrics = http.get("/metrics").text
+        evicted = next(line for line in metrics.splitlines() if line.startswith("turnout_cp_api_connections_evicted "))
+        assert float(evicted.split()[1]) >= 530 - 256, "the oldest idle connections were closed to make room"
     finally:
         for sock in idle:
             sock.close()
