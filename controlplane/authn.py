@@ -14,7 +14,6 @@ import base64
 import contextlib
 import fnmatch
 import json
-import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,8 +26,6 @@ from controlplane.identity import Identity, Roles
 from controlplane.jwks import Issuer
 from controlplane.tokens import load_tokens, token_digest
 from filters import ValidationError
-
-log = logging.getLogger("turnout.controlplane.auth")
 
 
 class Authenticator:

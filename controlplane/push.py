@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any, Protocol
@@ -48,8 +47,6 @@ from filters import Session
 from turnout.v1 import config_pb2, config_pb2_grpc
 from turnout.v1.convert import session_to_proto
 
-log = logging.getLogger("turnout.controlplane.push")
-
 # A proxy that has not sent its first request (its node) this long after opening a
 # stream is holding a connection for nothing.
 FIRST_REQUEST_TIMEOUT_S = 10.0
@@ -59,7 +56,7 @@ _DENY_READ_TIMEOUT_S = 2.0
 # What a refused stream is told, per gRPC status, besides the reason.
 _HINTS = {
     grpc.StatusCode.UNAUTHENTICATED: "check control_plane.token_file",
-    grpc.StatusCode.PERMISSION_DENIED: "this credential may not stream as this node",
+    grpc.StatusCode.PERMISSION_DENIED: "check control_plane.token_file and node_id",
 }
 
 

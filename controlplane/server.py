@@ -193,6 +193,7 @@ class ControlPlane:
         registry = CollectorRegistry()
         metrics = ControlPlaneMetrics(registry, store)
         audit = AuditLog(store, limits)
+        metrics.watch_audit(lambda: audit.suppressed_total)
         push = PushService(store, self._control_plane_id, registry, authenticate=authenticator.authenticate,
                            roles=roles, audit=audit, limits=limits)
         api = ApiService(store, self._policy, authenticator.authenticate, roles, push, registry, metrics, audit,
