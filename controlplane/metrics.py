@@ -48,8 +48,9 @@ class ControlPlaneMetrics:
 
     def watch_audit(self, left_out: Callable[[], int]) -> None:
         """Export how many refusals the audit trail counted but did not store (per-source limit)."""
-        Gauge("turnout_cp_audit_refusals_left_out", "Refused credentials not stored in the audit trail (over "
-              "audit_refusals_per_minute for their source), since start", registry=self._registry).set_function(left_out)
+        gauge = Gauge("turnout_cp_audit_refusals_left_out", "Refused credentials not stored in the audit trail "
+                      "(over audit_refusals_per_minute for their source), since start", registry=self._registry)
+        gauge.set_function(left_out)
 
     def api_request(self, method: str, status: int) -> None:
         """Count one answered API request."""
