@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import yaml
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "integration-test-token-0123456789"
 READY_RE = re.compile(r"api (https?)://([0-9.]+):(\d+) grpc ([0-9.]+):(\d+)")
 ROUTE = {"service": "users", "destination": "10.0.0.5:8080"}
