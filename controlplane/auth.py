@@ -1,31 +1,18 @@
-"""Credentials: bearer tokens for the API and the push stream, and TLS from certificate files.
-
-The API token lets a caller create and delete sessions; the proxy token lets a proxy open
-the push stream. Without ``--proxy-token-file`` one token serves both; with it, each
-token works only where it belongs, so a token handed to proxies cannot change sessions.
-Tokens are compared with ``hmac.compare_digest`` so the time taken says nothing about how
-much of a guess was right.
+"""Credential plumbing: bearer tokens from files and headers, the generated local admin token,
+and TLS from certificate files. Who a token belongs to is ``controlplane.authn``'s business.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import hmac
+import os
 import re
 import ssl
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
 
 from controlplane.errors import StartupError
 
-# How long a refused stream waits for the caller's first message (see _deny); a client that
-# sends nothing is refused after this anyway.
-_DENY_READ_TIMEOUT_S = 2.0
 # RFC 6750 b64token: what can follow "Bearer " in a header.
 _TOKEN_RE = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
@@ -56,85 +43,20 @@ def bearer_token(authorization: str | None) -> str | None:
     return token.strip()
 
 
-def token_matches(presented: str | None, expected: str) -> bool:
-    """Whether ``presented`` is ``expected``, in time independent of where they differ."""
-    if presented is None:
-        return False
-    return hmac.compare_digest(presented.encode(), expected.encode())
+def local_token_path(port: int) -> Path:
+    """Where a control plane started without ``--auth`` writes its generated admin token, and
+    where the ``turnout`` CLI on the same machine looks for it (by the API's port)."""
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "turnout" / f"control-plane-{port}.token"
 
 
-@dataclass(frozen=True)
-class Credentials:
-    """The tokens in force; None means that side is open (``--allow-unauthenticated``)."""
-
-    api_token: str | None
-    proxy_token: str | None
-
-    @classmethod
-    def load(cls, token_file: str | None, proxy_token_file: str | None, allow_unauthenticated: bool) -> Credentials:
-        """Read the token files; refuse to run open unless ``allow_unauthenticated``."""
-        if token_file is None and not allow_unauthenticated:
-            raise StartupError("--token-file is required: without it anyone who can reach the control plane could "
-                               "change routing (--allow-unauthenticated runs it open, for local experiments only)")
-        api_token = read_token(token_file, "--token-file") if token_file is not None else None
-        proxy_token = read_token(proxy_token_file, "--proxy-token-file") if proxy_token_file is not None else api_token
-        if proxy_token_file is not None and api_token is not None and token_matches(proxy_token, api_token):
-            raise StartupError("--proxy-token-file holds the same token as --token-file; give proxies their own")
-        return cls(api_token, proxy_token)
-
-
-def _deny(message: str, request_streaming: bool) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[None]]:
-    async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
-        if request_streaming:
-            # Take the caller's first message before answering: a grpc.aio client whose write is
-            # still in flight when the status lands reports INTERNAL instead of the status
-            # (grpc/grpc#36066), and a proxy must be told its credentials are wrong. The message
-            # is discarded unread.
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(context.read(), _DENY_READ_TIMEOUT_S)
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-    return deny
-
-
-class BearerAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Refuses every RPC without ``authorization: Bearer <token>`` with UNAUTHENTICATED.
-
-    A refused call never reaches the servicer: it gets a handler of the same shape that
-    only aborts, so a proxy without credentials receives nothing.
-    """
-
-    def __init__(self, token: str | None) -> None:
-        self._token = token
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        """Pass the call on when its token is right, else answer UNAUTHENTICATED."""
-        handler = await continuation(handler_call_details)
-        if self._token is None or handler is None:
-            return handler
-        authorization = None
-        for key, value in handler_call_details.invocation_metadata or ():
-            if key == "authorization":
-                authorization = value
-                break
-        presented = bearer_token(authorization if isinstance(authorization, str) else None)
-        if token_matches(presented, self._token):
-            return handler
-        deny = _deny("missing bearer token: send 'authorization: Bearer <proxy token>' metadata" if presented is None
-                     else "wrong bearer token", handler.request_streaming)
-        kwargs = {"request_deserializer": handler.request_deserializer,
-                  "response_serializer": handler.response_serializer}
-        if handler.request_streaming and handler.response_streaming:
-            return grpc.stream_stream_rpc_method_handler(deny, **kwargs)
-        if handler.request_streaming:
-            return grpc.stream_unary_rpc_method_handler(deny, **kwargs)
-        if handler.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(deny, **kwargs)
-        return grpc.unary_unary_rpc_method_handler(deny, **kwargs)
+def write_local_token(path: Path, token: str) -> None:
+    """Write a generated token readable by this user only."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        os.fchmod(f.fileno(), 0o600)  # an older file may have had other permissions
+        f.write(token + "\n")
 
 
 def api_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:

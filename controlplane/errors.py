@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 from filters import TurnoutError
@@ -27,18 +28,57 @@ class ControlPlaneError(TurnoutError):
 
 
 class Conflict(ControlPlaneError):
-    """The session id exists, or another session holds a (key, service) claim; ``holder`` names it."""
+    """The session id exists, another session holds a (key, service) claim, or another owner's
+    filter-only session already matches requests this one could take; ``holder`` names it,
+    ``session`` the session refused (when it has an id)."""
 
     kind = "conflict"
     status = 409
 
-    def __init__(self, message: str, holder: str) -> None:
+    def __init__(self, message: str, holder: str, session: str | None = None) -> None:
         self.holder = holder
+        self.session = session
         super().__init__(message)
 
     def to_dict(self) -> dict[str, Any]:
         """The API's JSON error body, with the holding session's id."""
-        return {**super().to_dict(), "holder": self.holder}
+        body = {**super().to_dict(), "holder": self.holder}
+        if self.session is not None:
+            body["session"] = self.session
+        return body
+
+
+class Forbidden(ControlPlaneError):
+    """The caller may not do this to this session; ``owner`` names who may (with admins)."""
+
+    kind = "forbidden"
+    status = 403
+
+    def __init__(self, message: str, owner: str | None = None) -> None:
+        self.owner = owner
+        super().__init__(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The API's JSON error body, naming the session's owner."""
+        body = super().to_dict()
+        if self.owner is not None:
+            body["owner"] = self.owner
+        return body
+
+
+class RateLimited(ControlPlaneError):
+    """Too many changes by one identity; ``retry_after_s`` says when the next one is allowed."""
+
+    kind = "rate_limited"
+    status = 429
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(message)
+
+    def headers(self) -> tuple[tuple[str, str], ...]:
+        """``Retry-After`` in whole seconds, rounded up (RFC 9110 section 10.2.3)."""
+        return (("retry-after", str(max(1, math.ceil(self.retry_after_s)))),)
 
 
 class NotFound(ControlPlaneError):

@@ -8,8 +8,9 @@ import logging
 import time
 from collections.abc import Callable
 
+from controlplane.audit import EXPIRY, AuditLog
 from controlplane.metrics import ControlPlaneMetrics
-from controlplane.store import Change, SessionStore
+from controlplane.store import AuditEntry, Change, SessionStore, StoredSession
 
 log = logging.getLogger("turnout.controlplane.expiry")
 
@@ -21,10 +22,11 @@ _MAX_SLEEP_S = 30.0
 class Expirer:
     """Sleeps until the store's next expiry (woken early by any change) and expires what is due."""
 
-    def __init__(self, store: SessionStore, metrics: ControlPlaneMetrics,
+    def __init__(self, store: SessionStore, metrics: ControlPlaneMetrics, audit: AuditLog,
                  clock: Callable[[], float] = time.time) -> None:
         self._store = store
         self._metrics = metrics
+        self._audit = audit
         self._clock = clock
         self._wake = asyncio.Event()
         store.subscribe(self._on_change)
@@ -33,10 +35,15 @@ class Expirer:
         # A create or extend may bring the next expiry closer than the current sleep.
         self._wake.set()
 
+    def _entry(self, stored: StoredSession) -> AuditEntry:
+        session = stored.session
+        return self._audit.entry(EXPIRY, "-", "expire", session=session.id, owner=session.owner,
+                                 detail={"expires_at": session.expires_at})
+
     async def run(self) -> None:
         """Expire sessions until cancelled."""
         while True:
-            expired = self._store.expire(self._clock())
+            expired = self._store.expire(self._clock(), self._entry)
             if expired:
                 self._metrics.sessions_expired.inc(len(expired))
                 log.info("expired %d session(s): %s", len(expired), ", ".join(expired))

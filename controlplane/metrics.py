@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from controlplane.store import SessionStore
@@ -11,9 +13,11 @@ _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"
 
 
 class ControlPlaneMetrics:
-    """Sessions, revision, API requests, policy refusals and reloads, expired sessions."""
+    """Sessions, revision, API requests, refused credentials, policy refusals and reloads, rate
+    limiting, expired sessions."""
 
     def __init__(self, registry: CollectorRegistry, store: SessionStore) -> None:
+        self._registry = registry
         sessions = Gauge("turnout_cp_sessions", "Sessions in the store", registry=registry)
         sessions.set_function(store.count)
         revision = Gauge("turnout_cp_revision", "Revision of the last change to the store", registry=registry)
@@ -26,6 +30,27 @@ class ControlPlaneMetrics:
                                         registry=registry)
         self._policy_reloads = Counter("turnout_cp_policy_reloads", "Policy file reloads (SIGHUP) by result",
                                        ["result"], registry=registry)
+        # Push streams refused are turnout_cp_push_streams_refused_total{code}.
+        self.auth_failures = Counter("turnout_cp_auth_failures", "API requests refused for their credentials (401)",
+                                     registry=registry)
+        self.rate_limited = Counter("turnout_cp_rate_limited", "Session changes refused by the per-identity rate "
+                                    "limit (429)", registry=registry)
+
+    def watch_connections(self, authenticated: Callable[[], int], unauthenticated: Callable[[], int],
+                          evicted: Callable[[], int]) -> None:
+        """Export the API server's connection pools (read at scrape time)."""
+        open_connections = Gauge("turnout_cp_api_connections", "Open API connections, by whether one of their "
+                                 "requests has authenticated", ["state"], registry=self._registry)
+        open_connections.labels("authenticated").set_function(authenticated)
+        open_connections.labels("unauthenticated").set_function(unauthenticated)
+        Gauge("turnout_cp_api_connections_evicted", "Unauthenticated API connections closed to make room for new "
+              "ones, since start", registry=self._registry).set_function(evicted)
+
+    def watch_audit(self, left_out: Callable[[], int]) -> None:
+        """Export how many refusals the audit trail counted but did not store (per-source limit)."""
+        gauge = Gauge("turnout_cp_audit_refusals_left_out", "Refused credentials not stored in the audit trail "
+                      "(over audit_refusals_per_minute for their source), since start", registry=self._registry)
+        gauge.set_function(left_out)
 
     def api_request(self, method: str, status: int) -> None:
         """Count one answered API request."""

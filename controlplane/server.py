@@ -1,10 +1,19 @@
 """``turnout control-plane``: the store, the policy, the HTTP API, TTL expiry and the gRPC push service.
 
-Start order: credentials, policy and TLS files are read first so a mistake fails before
-anything listens; then the store, the push service, both listeners, and one ready line on
-standard output with the bound addresses. SIGHUP reloads the policy file (an invalid one
-is refused and the old one kept). SIGTERM or SIGINT: stop accepting, end every push
-stream, give requests in flight ``SHUTDOWN_GRACE_S``, close the store, exit 0.
+Start order: the auth file, tokens, policy and TLS files are read first so a mistake fails
+before anything listens; then the store, the push service, both listeners, and one ready
+line on standard output with the bound addresses. SIGHUP reloads the policy file, the
+tokens file and JWKS files (an invalid one is refused and the old one kept). SIGTERM or
+SIGINT: stop accepting, end every push stream, give requests in flight
+``SHUTDOWN_GRACE_S``, close the store, exit 0.
+
+Credentials: ``--auth FILE`` configures identities (``controlplane.authconfig``). Two
+bootstrap tokens add to it or stand alone: ``--token-file`` (identity ``admin``, in an admin
+group, and in a proxy group too unless ``--proxy-token-file`` is given; the alphabetically
+first of each) and ``--proxy-token-file`` (identity ``proxy``, in a proxy group). With neither ``--auth`` nor
+``--token-file``, an admin token is generated for the run and written to
+``controlplane.auth.local_token_path(port)``, where the CLI on this machine finds it: local
+use needs no setup, and nothing is ever open.
 
 The control plane runs on plain asyncio (not uvloop): grpc.aio brings its own loop
 integration, and nothing here is on a request's hot path.
@@ -15,25 +24,38 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import signal
 import socket
 import ssl
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TextIO
 
 import grpc
 from prometheus_client import CollectorRegistry
 
 from controlplane.api import ApiService
-from controlplane.auth import BearerAuthInterceptor, Credentials, api_ssl_context, grpc_server_credentials
+from controlplane.audit import AuditLog, audit_log
+from controlplane.auth import (
+    api_ssl_context,
+    grpc_server_credentials,
+    local_token_path,
+    read_token,
+    write_local_token,
+)
+from controlplane.authconfig import AuthConfig, load_auth_config
+from controlplane.authn import Authenticator
 from controlplane.errors import StartupError
 from controlplane.expiry import Expirer
 from controlplane.http import HttpServer
+from controlplane.identity import Identity
 from controlplane.metrics import ControlPlaneMetrics
 from controlplane.policy import Policy, load_policy
 from controlplane.push import PushService
 from controlplane.store import SessionStore
+from controlplane.tokens import token_digest
 from filters import ValidationError
 from turnout.v1 import config_pb2_grpc
 
@@ -53,6 +75,12 @@ GRPC_OPTIONS = [
     # grpc sets SO_REUSEPORT by default: a second control plane on the same port would
     # silently take half the proxies instead of failing to start.
     ("grpc.so_reuseport", 0),
+    # A proxy always holds its stream open, so a connection with no call for this long holds
+    # nothing but a socket (Envoy's idle_timeout for upstream connections is 1 h; this port
+    # only ever serves long-lived streams).
+    ("grpc.max_connection_idle_ms", 60000),
+    # A proxy opens one stream per connection (a second only while reconnecting).
+    ("grpc.max_concurrent_streams", 16),
 ]
 
 
@@ -63,13 +91,13 @@ class ServerOptions:
     api: str = "127.0.0.1:18080"
     grpc: str = "127.0.0.1:18000"
     db: str = "turnout-sessions.db"
+    auth: str | None = None
     token_file: str | None = None
     proxy_token_file: str | None = None
     policy: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
     control_plane_id: str = ""
-    allow_unauthenticated: bool = False
 
 
 def split_address(text: str, flag: str) -> tuple[str, int]:
@@ -96,8 +124,9 @@ class ControlPlane:
             raise StartupError("--tls-cert and --tls-key go together")
         self._api_address = split_address(options.api, "--api")
         self._grpc_address = split_address(options.grpc, "--grpc")
-        self._credentials = Credentials.load(options.token_file, options.proxy_token_file,
-                                             options.allow_unauthenticated)
+        self._auth_config = self._load_auth()
+        bootstrap, self._generated_token = self._bootstrap_tokens()
+        self._authenticator = Authenticator(self._auth_config, bootstrap)
         self._policy = self._load_policy()
         self._ssl_context: ssl.SSLContext | None = None
         self._grpc_credentials: grpc.ServerCredentials | None = None
@@ -105,6 +134,34 @@ class ControlPlane:
             self._ssl_context = api_ssl_context(options.tls_cert, options.tls_key)
             self._grpc_credentials = grpc_server_credentials(options.tls_cert, options.tls_key)
         self._control_plane_id = options.control_plane_id or socket.gethostname()
+
+    def _load_auth(self) -> AuthConfig:
+        if self._options.auth is None:
+            return AuthConfig()
+        try:
+            return load_auth_config(self._options.auth)
+        except ValidationError as exc:
+            raise StartupError(f"--auth {self._options.auth}: invalid auth file:\n  "
+                               + "\n  ".join(map(str, exc.problems))) from None
+
+    def _bootstrap_tokens(self) -> tuple[dict[str, Identity], str | None]:
+        """Identities of --token-file and --proxy-token-file, or the generated admin token."""
+        options, roles = self._options, self._auth_config.roles
+        bootstrap: dict[str, Identity] = {}
+        generated = None
+        separate_proxy = options.proxy_token_file is not None
+        if options.token_file is not None:
+            token = read_token(options.token_file, "--token-file")
+            bootstrap[token_digest(token)] = roles.admin_identity("admin", "--token-file", not separate_proxy)
+        elif options.auth is None:
+            generated = secrets.token_urlsafe(32)
+            bootstrap[token_digest(generated)] = roles.admin_identity("admin", "generated token", not separate_proxy)
+        if options.proxy_token_file is not None:
+            digest = token_digest(read_token(options.proxy_token_file, "--proxy-token-file"))
+            if digest in bootstrap:
+                raise StartupError("--proxy-token-file holds the same token as --token-file; give proxies their own")
+            bootstrap[digest] = roles.proxy_identity("proxy", "--proxy-token-file")
+        return bootstrap, generated
 
     def _load_policy(self) -> Policy:
         if self._options.policy is None:
@@ -121,20 +178,30 @@ class ControlPlane:
 
     async def run(self) -> int:
         """Serve until stopped; returns the exit status."""
-        store = SessionStore(self._options.db)
+        store = SessionStore(self._options.db, retention=self._auth_config.limits)
+        authenticator = self._authenticator
         try:
-            return await self._serve(store)
+            await authenticator.start()
+            return await self._serve(store, authenticator)
         finally:
+            await authenticator.close()
             store.close()
 
-    async def _serve(self, store: SessionStore) -> int:
+    async def _serve(self, store: SessionStore, authenticator: Authenticator) -> int:
+        limits = self._auth_config.limits
+        roles = self._auth_config.roles
         registry = CollectorRegistry()
         metrics = ControlPlaneMetrics(registry, store)
-        push = PushService(store, self._control_plane_id, registry)
-        api = ApiService(store, self._policy, self._credentials.api_token, push.proxies, registry, metrics)
-        http = HttpServer(api.handle)
-        server = grpc.aio.server(interceptors=[BearerAuthInterceptor(self._credentials.proxy_token)],
-                                 options=GRPC_OPTIONS)
+        audit = AuditLog(store, limits)
+        metrics.watch_audit(lambda: audit.suppressed_total)
+        push = PushService(store, self._control_plane_id, registry, authenticate=authenticator.authenticate,
+                           roles=roles, audit=audit, limits=limits)
+        api = ApiService(store, self._policy, authenticator.authenticate, roles, push, registry, metrics, audit,
+                         limits)
+        http = HttpServer(api.handle, api.admit, limits)
+        metrics.watch_connections(lambda: http.connections - http.unauthenticated, lambda: http.unauthenticated,
+                                  lambda: http.evicted)
+        server = grpc.aio.server(options=GRPC_OPTIONS)
         config_pb2_grpc.add_SessionDiscoveryServicer_to_server(push, server)  # type: ignore[no-untyped-call]
         grpc_host, grpc_port = self._grpc_address
         target = _host_port(grpc_host, grpc_port)
@@ -147,18 +214,20 @@ class ControlPlane:
             api_host, api_port = await http.start(*self._api_address, self._ssl_context)
         except OSError as exc:
             raise StartupError(f"--api {self._options.api}: cannot listen: {exc.strerror}") from None
+        token_path = self._write_generated_token(api_port)
         await server.start()
-        expirer = asyncio.create_task(Expirer(store, metrics).run())
+        expirer = asyncio.create_task(Expirer(store, metrics, audit).run())
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.stop)
         loop.add_signal_handler(signal.SIGINT, self.stop)
-        loop.add_signal_handler(signal.SIGHUP, lambda: self._reload_policy(api, metrics))
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._reload(api, authenticator, metrics))
         tls = self._ssl_context is not None
         scheme = "https" if tls else "http"
         self._out.write(
             f"turnout control-plane {self._control_plane_id}: api {scheme}://{_host_port(api_host, api_port)} "
             f"grpc {_host_port(grpc_host, bound_grpc_port)}{' (tls)' if tls else ''}; "
-            f"revision {store.revision}, {store.count()} session(s)\n")
+            f"revision {store.revision}, {store.count()} session(s)"
+            + (f"; admin token in {token_path}" if token_path is not None else "") + "\n")
         self._out.flush()
         try:
             await self._stopping.wait()
@@ -174,11 +243,33 @@ class ControlPlane:
             expirer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await expirer
+            if token_path is not None:
+                # The token dies with this run; a stale file would only make the CLI say 401.
+                with contextlib.suppress(OSError):
+                    token_path.unlink()
         return 0
 
-    def _reload_policy(self, api: ApiService, metrics: ControlPlaneMetrics) -> None:
+    def _write_generated_token(self, api_port: int) -> Path | None:
+        if self._generated_token is None:
+            return None
+        path = local_token_path(api_port)
+        try:
+            write_local_token(path, self._generated_token)
+        except OSError as exc:
+            raise StartupError(f"no --auth: cannot write the generated admin token to {path}: {exc.strerror}; "
+                               "give --auth FILE or --token-file FILE (or set XDG_STATE_HOME)") from None
+        log.warning("no --auth given: generated an admin token for this run (identity 'admin') in %s; the turnout "
+                    "CLI on this machine uses it for port %d. Configure identities with --auth FILE to share "
+                    "this control plane", path, api_port)
+        return path
+
+    def _reload(self, api: ApiService, authenticator: Authenticator, metrics: ControlPlaneMetrics) -> None:
+        try:
+            authenticator.reload()
+            log.info("SIGHUP: credentials reloaded (%d tokens)", authenticator.token_count)
+        except StartupError as exc:
+            log.error("SIGHUP: credentials not reloaded, the running ones stay: %s", exc)
         if self._options.policy is None:
-            log.warning("SIGHUP: no --policy file to reload")
             return
         try:
             policy = self._load_policy()
@@ -195,6 +286,11 @@ def run_control_plane(options: ServerOptions) -> int:
     """Run ``turnout control-plane`` to completion; a startup error is printed and exits 2."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Audit entries are one JSON line each, with nothing in front, for a log pipeline.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    audit_log.addHandler(handler)
+    audit_log.propagate = False
     try:
         return asyncio.run(_main(options))
     except StartupError as exc:

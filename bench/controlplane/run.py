@@ -5,7 +5,11 @@ Usage (from the repository root)::
     .venv/bin/python -m bench.controlplane.run                  # 50 proxies, 100 sessions, 10,000 loaded
     .venv/bin/python -m bench.controlplane.run --proxies 10 --sessions 20 --loaded 2000   # quick
 
-Two measurements, one run, all real processes on this machine:
+Three measurements, one run, all real processes on this machine, with authentication on as
+in production: the control plane runs with ``--auth`` (an OIDC issuer whose JWKS file holds
+an RSA key this script makes, and a tokens file with one token per proxy, bound to that
+proxy's node id); every API call carries an RS256 JWT, so the control plane verifies a
+signature per request.
 
 1. **Propagation.** ``turnout control-plane`` and N ``turnout proxy`` processes (one worker
    each, on the default delta protocol). For each of S sessions the script
@@ -15,7 +19,12 @@ Two measurements, one run, all real processes on this machine:
    key". Reported: p50 / p99 / max over sessions of the time until *every* proxy routes it,
    and over every (session, proxy) pair. Every tenth session is then checked with a real
    request through every proxy (it must reach the sandbox).
-2. **Cost of one change with L sessions loaded.** The proxies are stopped, L sessions are
+2. **The cost of authentication.** In this process: microseconds per ``Authenticator``
+   verification of an RS256 and an ES256 JWT and of an opaque tokens-file token (SHA-256
+   lookup). Against the running control plane (proxies stopped): latency of
+   ``GET /v1/whoami`` over one keep-alive connection with a JWT and with an opaque token,
+   the difference being what verifying a JWT adds to a request end to end.
+3. **Cost of one change with L sessions loaded.** The proxies are stopped, L sessions are
    created, then one proxy per protocol is connected in turn and C single-session changes
    are made (create, then delete), each followed by a fixed pause and no other API call
    (ACK lags are measured in a separate run of 20 changes). The control plane's CPU
@@ -35,7 +44,9 @@ markdown table on stdout. Every process is stopped by PID on exit, Ctrl-C or fai
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
+import hashlib
 import http.client
 import http.server
 import json
@@ -53,14 +64,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jwt
 import yaml
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from bench.http1.run import CLK_TCK, Processes, cpu_ticks, machine_load, turnout_binary
+from controlplane.authconfig import load_auth_config
+from controlplane.authn import Authenticator
 
 HERE = Path(__file__).resolve().parent
 CP_CPU = 1
 REST_CPU = 0
-TOKEN = "bench-token"
+ISSUER = "https://idp.bench.invalid"
+# The API caller: an admin (it loads 10,000 sessions for "bench"), with the rate limit raised
+# to match: the benchmark is a load the default limits exist to stop.
+OPAQUE_TOKEN = "bench-opaque-token"
+AUTH_SAMPLES = 2000
 START_TIMEOUT_S = 120.0
 SYNC_TIMEOUT_S = 30.0
 # The ACK times come from the control plane's records, so polling only decides when to look;
@@ -103,16 +122,55 @@ class Upstream:
         self.server.server_close()
 
 
-class Api:
-    """A keep-alive client for the control plane's HTTP API."""
+class Credentials:
+    """The bench's identities: an RSA-signed JWT for the API, an EC one, an opaque token, and one
+    token per proxy; written as an --auth file, a tokens file and a JWKS file in ``tmp``."""
 
-    def __init__(self, base: str) -> None:
+    def __init__(self, tmp: Path, proxies: int) -> None:
+        self.rsa = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.ec = ec.generate_private_key(ec.SECP256R1())
+        keys = [{**json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(self.rsa.public_key())), "kid": "rsa-1",
+                 "alg": "RS256", "use": "sig"},
+                {**json.loads(jwt.algorithms.ECAlgorithm.to_jwk(self.ec.public_key())), "kid": "ec-1",
+                 "alg": "ES256", "use": "sig"}]
+        (tmp / "jwks.json").write_text(json.dumps({"keys": keys}))
+        now = int(time.time())
+        claims = {"iss": ISSUER, "sub": "bench", "aud": "turnout", "iat": now, "nbf": now, "exp": now + 86400,
+                  "groups": ["admins"]}
+        self.jwt = jwt.encode(claims, self.rsa, algorithm="RS256", headers={"kid": "rsa-1"})
+        self.jwt_ec = jwt.encode(claims, self.ec, algorithm="ES256", headers={"kid": "ec-1"})
+        self.proxy_tokens = {f"proxy-{i:02d}": f"proxy-token-{i:02d}" for i in range(proxies)}
+        self.proxy_tokens.update({f"cost-{p}": f"proxy-token-cost-{p}" for p in ("delta", "sotw")})
+        entries = [{"identity": "bench-opaque", "groups": ["admins"], "sha256": _digest(OPAQUE_TOKEN)}]
+        entries += [{"identity": name, "groups": ["proxies"], "node_ids": [name], "sha256": _digest(token)}
+                    for name, token in self.proxy_tokens.items()]
+        (tmp / "tokens.yaml").write_text(yaml.safe_dump({"tokens": entries}))
+        for name, token in self.proxy_tokens.items():
+            (tmp / f"{name}.token").write_text(token + "\n")
+        self.auth_file = tmp / "auth.yaml"
+        self.auth_file.write_text(yaml.safe_dump({
+            "tokens_file": "tokens.yaml",
+            "issuers": [{"issuer": ISSUER, "audiences": ["turnout"], "jwks_file": "jwks.json",
+                         "groups_claim": "groups"}],
+            "limits": {"changes_per_minute": 1_000_000, "change_burst": 100_000},
+        }))
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Api:
+    """A keep-alive client for the control plane's HTTP API, sending ``token``."""
+
+    def __init__(self, base: str, token: str) -> None:
         host, port = base.removeprefix("http://").rsplit(":", 1)
         self.conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        self.token = token
 
     def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         data = None if body is None else json.dumps(body).encode()
-        headers = {"authorization": "Bearer " + TOKEN}
+        headers = {"authorization": "Bearer " + self.token}
         if data is not None:
             headers["content-type"] = "application/json"
         self.conn.request(method, path, body=data, headers=headers)
@@ -136,12 +194,11 @@ def pinned(cpu: int, argv: list[str]) -> list[str]:
     return ["taskset", "-c", str(cpu), *argv]
 
 
-def start_control_plane(procs: Processes, tmp: Path) -> tuple[Any, str, str]:
-    (tmp / "token").write_text(TOKEN + "\n")
+def start_control_plane(procs: Processes, tmp: Path, credentials: Credentials) -> tuple[Any, str, str]:
     log_path = tmp / "cp.log"
     process = procs.start("control plane", [
         turnout_binary(), "control-plane", "--api", "127.0.0.1:0", "--grpc", "127.0.0.1:0", "--db",
-        str(tmp / "sessions.db"), "--token-file", str(tmp / "token"), "--id", "bench"], log_path)
+        str(tmp / "sessions.db"), "--auth", str(credentials.auth_file), "--id", "bench"], log_path)
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         found = _READY.search(log_path.read_text(errors="replace"))
@@ -161,8 +218,8 @@ def start_proxy(procs: Processes, tmp: Path, name: str, grpc: str, baseline: str
         "admin": {"address": f"127.0.0.1:{admin}"},
         "listeners": [{"name": "users-in", "address": f"127.0.0.1:{port}", "mode": "inbound", "service": "users",
                        "baseline": baseline}],
-        "control_plane": {"address": grpc, "protocol": protocol, "node_id": name, "token_file": str(tmp / "token"),
-                          "state_path": str(tmp / f"{name}.state.json")},
+        "control_plane": {"address": grpc, "protocol": protocol, "node_id": name,
+                          "token_file": str(tmp / f"{name}.token"), "state_path": str(tmp / f"{name}.state.json")},
     }
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -263,6 +320,45 @@ def propagation(args: argparse.Namespace, procs: Processes, tmp: Path, api: Api,
                           "max": 1000 * max(pairs)},
         "requests_checked": checked,
     }
+
+
+def auth_cost(credentials: Credentials, api_url: str) -> dict[str, Any]:
+    """Microseconds per verification in this process, and request latency with a JWT vs an opaque token."""
+    authenticator = Authenticator(load_auth_config(credentials.auth_file))
+
+    async def per_verify(token: str) -> float:
+        header = "Bearer " + token
+        await authenticator.authenticate(header)  # warm: keys parsed, caches filled
+        started = time.perf_counter()
+        for _ in range(AUTH_SAMPLES):
+            await authenticator.authenticate(header)
+        return (time.perf_counter() - started) / AUTH_SAMPLES * 1e6
+
+    out: dict[str, Any] = {"samples": AUTH_SAMPLES, "verify_us": {
+        "jwt_rs256": asyncio.run(per_verify(credentials.jwt)),
+        "jwt_es256": asyncio.run(per_verify(credentials.jwt_ec)),
+        "opaque_sha256": asyncio.run(per_verify(OPAQUE_TOKEN)),
+    }}
+    log("verify (us): " + ", ".join(f"{k} {v:.1f}" for k, v in out["verify_us"].items()))
+    latency: dict[str, Any] = {}
+    for name, token in (("jwt_rs256", credentials.jwt), ("opaque", OPAQUE_TOKEN)):
+        api = Api(api_url, token)
+        for _ in range(50):
+            api.call("GET", "/v1/whoami")  # warm the connection and the server
+        times = []
+        for _ in range(AUTH_SAMPLES):
+            started = time.perf_counter()
+            status, _ = api.call("GET", "/v1/whoami")
+            times.append(time.perf_counter() - started)
+            if status != 200:
+                raise RuntimeError(f"whoami with {name}: {status}")
+        latency[name] = {"p50_us": 1e6 * statistics.median(times), "p99_us": 1e6 * percentile(times, 99),
+                         "mean_us": 1e6 * statistics.fmean(times)}
+    latency["jwt_adds_us"] = {k: latency["jwt_rs256"][k] - latency["opaque"][k] for k in ("p50_us", "mean_us")}
+    out["request_latency"] = latency
+    log(f"GET /v1/whoami p50: JWT {latency['jwt_rs256']['p50_us']:.0f} us, opaque {latency['opaque']['p50_us']:.0f} "
+        f"us (JWT adds {latency['jwt_adds_us']['p50_us']:.0f} us)")
+    return out
 
 
 def cp_cpu_s(pid: int) -> float:
@@ -368,12 +464,14 @@ def push_cost(args: argparse.Namespace, procs: Processes, tmp: Path, api: Api, c
 
 
 def report(results: dict[str, Any]) -> str:
-    prop, cost = results["propagation"], results["push_cost"]
+    prop, cost, auth = results["propagation"], results["push_cost"], results["auth_cost"]
+    verify, latency = auth["verify_us"], auth["request_latency"]
     lines = [
         f"### bench/controlplane — {results['meta']['date']}",
         "",
-        f"Propagation: {prop['proxies']} proxies ({prop['protocol']}), {prop['sessions']} sessions created one at a "
-        "time; time from the API's 201 until the proxy ACKed (after its worker swapped the snapshot in).",
+        f"Propagation, authentication on: {prop['proxies']} proxies ({prop['protocol']}, each with its own token "
+        f"bound to its node id), {prop['sessions']} sessions created one at a time with an RS256 JWT; time from "
+        "the API's 201 until the proxy ACKed (after its worker swapped the snapshot in).",
         "",
         "| measure | p50 ms | p99 ms | max ms | target |",
         "|---|---:|---:|---:|---|",
@@ -382,6 +480,18 @@ def report(results: dict[str, Any]) -> str:
         f"{'PASS' if prop['all_proxies_ms']['p99'] <= 100 else 'FAIL'} |",
         f"| one proxy routes it (all pairs) | {prop['each_proxy_ms']['p50']:.1f} | {prop['each_proxy_ms']['p99']:.1f} "
         f"| {prop['each_proxy_ms']['max']:.1f} | |",
+        "",
+        f"Authentication ({auth['samples']} samples each): one verification in-process, RS256 JWT "
+        f"{verify['jwt_rs256']:.1f} us, ES256 JWT {verify['jwt_es256']:.1f} us, opaque token (SHA-256 lookup) "
+        f"{verify['opaque_sha256']:.1f} us.",
+        "",
+        "| GET /v1/whoami, one keep-alive connection | p50 us | p99 us | mean us |",
+        "|---|---:|---:|---:|",
+        f"| RS256 JWT | {latency['jwt_rs256']['p50_us']:.0f} | {latency['jwt_rs256']['p99_us']:.0f} "
+        f"| {latency['jwt_rs256']['mean_us']:.0f} |",
+        f"| opaque token | {latency['opaque']['p50_us']:.0f} | {latency['opaque']['p99_us']:.0f} "
+        f"| {latency['opaque']['mean_us']:.0f} |",
+        f"| what the JWT adds | {latency['jwt_adds_us']['p50_us']:.0f} | | {latency['jwt_adds_us']['mean_us']:.0f} |",
         "",
         f"One change with {cost['loaded']:,} sessions loaded ({cost['changes']} changes, create/delete alternating):",
         "",
@@ -429,13 +539,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         baseline, sandbox = Upstream("baseline"), Upstream("sandbox")
         upstreams += [baseline, sandbox]
-        cp, api_url, grpc = start_control_plane(procs, tmp)
-        api = Api(api_url)
+        credentials = Credentials(tmp, args.proxies)
+        cp, api_url, grpc = start_control_plane(procs, tmp, credentials)
+        api = Api(api_url, credentials.jwt)
         load_before = machine_load()
         results: dict[str, Any] = {"meta": {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "cpus": os.cpu_count(),
                                             "control_plane_cpu": CP_CPU, "other_cpu": REST_CPU,
                                             "load_before": load_before}}
         results["propagation"] = propagation(args, procs, tmp, api, grpc, baseline, sandbox)
+        results["auth_cost"] = auth_cost(credentials, api_url)
         results["push_cost"] = push_cost(args, procs, tmp, api, cp.pid, grpc, baseline, sandbox)
         results["meta"]["load_after"] = machine_load()
         args.output.write_text(json.dumps(results, indent=2) + "\n")

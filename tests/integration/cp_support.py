@@ -6,6 +6,7 @@ Every process is started here and stopped here, by its own PID, even when a test
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -23,7 +24,7 @@ from typing import Any
 import httpx
 import yaml
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "integration-test-token-0123456789"
 READY_RE = re.compile(r"api (https?)://([0-9.]+):(\d+) grpc ([0-9.]+):(\d+)")
 ROUTE = {"service": "users", "destination": "10.0.0.5:8080"}
@@ -52,10 +53,10 @@ class ControlPlane:
         """What the control plane logged so far."""
         return self.log_path.read_text(errors="replace")
 
-    def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        """One API call with the token; returns (status, parsed JSON body or None)."""
+    def request(self, method: str, path: str, body: Any = None, token: str | None = "default") -> tuple[int, Any]:
+        """One API call with the token (or ``token``); returns (status, parsed JSON body or None)."""
         verify: Any = True if self.ca_file is None else ssl.create_default_context(cafile=str(self.ca_file))
-        with self.client(verify=verify) as http:
+        with self.client(token=token, verify=verify) as http:
             response = http.request(method, path, json=body)
         return response.status_code, response.json() if response.content else None
 
@@ -98,6 +99,29 @@ def write_token(tmp: Path, name: str = "token", token: str = TOKEN) -> Path:
     return path
 
 
+def write_tokens(tmp: Path, tokens: dict[str, dict[str, Any]], name: str = "tokens.yaml") -> Path:
+    """A tokens file: token -> {identity, groups, node_ids?}, stored as SHA-256 digests."""
+    path = tmp / name
+    path.write_text(yaml.safe_dump({"tokens": [
+        {**entry, "sha256": hashlib.sha256(token.encode()).hexdigest()} for token, entry in tokens.items()]}))
+    return path
+
+
+def write_auth(tmp: Path, auth: dict[str, Any], name: str = "auth.yaml") -> Path:
+    """An --auth file."""
+    path = tmp / name
+    path.write_text(yaml.safe_dump(auth))
+    return path
+
+
+def state_env(tmp: Path) -> dict[str, str]:
+    """The environment for a turnout process: this checkout, and a private state directory (where a
+    control plane without --auth writes its generated token, and the CLI looks for it)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TURNOUT_TOKEN", "TURNOUT_CONTROL_PLANE")}
+    env.update(PYTHONPATH=str(ROOT), XDG_STATE_HOME=str(tmp / "state"))
+    return env
+
+
 def write_policy(tmp: Path, policy: dict[str, Any], name: str = "policy.yaml") -> Path:
     """A policy file."""
     path = tmp / name
@@ -120,7 +144,7 @@ def start_control_plane(tmp: Path, *extra: str, token: str | None = TOKEN, db: P
     log_path = tmp / f"control-plane-{time.monotonic_ns()}.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log, text=True, cwd=ROOT,
-                                   env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                                   env=state_env(tmp))
     assert process.stdout is not None
     deadline = time.monotonic() + timeout_s
     try:
@@ -176,10 +200,10 @@ class CliResult:
 
 
 def run_cli(cp: ControlPlane | None, *args: str, token: str | None = "default", url: str | None = None,
-            timeout_s: float = 30) -> CliResult:
-    """Run the real ``turnout`` command against ``cp`` (token in TURNOUT_TOKEN)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("TURNOUT_TOKEN", "TURNOUT_CONTROL_PLANE")}
-    env["PYTHONPATH"] = str(ROOT)
+            timeout_s: float = 30, state: Path | None = None) -> CliResult:
+    """Run the real ``turnout`` command against ``cp`` (token in TURNOUT_TOKEN); ``state``: the directory
+    whose state/ the CLI searches for a generated token (default: none to find)."""
+    env = state_env(state if state is not None else Path("/nonexistent"))
     if cp is not None:
         env["TURNOUT_CONTROL_PLANE"] = cp.api_url
         token = cp.token if token == "default" else token

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.integration.cp_support import ROUTE, ControlPlane, running_control_plane, write_policy
+from tests.integration.cp_support import ROUTE, ControlPlane, run_cli, running_control_plane, write_policy
 
 
 def test_create_get_list_extend_delete(control_plane: ControlPlane) -> None:
@@ -27,7 +27,7 @@ def test_create_get_list_extend_delete(control_plane: ControlPlane) -> None:
         assert session["routes"][1]["match"] == {"header": {"name": "x-user", "exact": "alice"}}
 
         got = http.get("/v1/sessions/crud-1")
-        assert got.status_code == 200 and got.json() == body
+        assert got.status_code == 200 and got.json() == {**body, "proxies": []}, "no proxy fronts users here"
 
         listed = http.get("/v1/sessions", params={"owner": "alice"}).json()
         assert [s["session"]["id"] for s in listed["sessions"]] == ["crud-1"]
@@ -168,7 +168,19 @@ def test_a_limits_policy_turns_into_400_problems(tmp_path: Path) -> None:
         assert [p["field"] for p in response.json()["problems"]] == ["session.routes"]
 
 
-def test_unauthenticated_mode_is_open(tmp_path: Path) -> None:
-    with running_control_plane(tmp_path, "--allow-unauthenticated", token=None) as cp, \
-            httpx.Client(base_url=cp.api_url) as http:
-        assert http.post("/v1/sessions", json={"key": "k", "routes": [ROUTE]}).status_code == 201
+def test_without_auth_an_admin_token_is_generated_for_the_cli_on_this_machine(tmp_path: Path) -> None:
+    with running_control_plane(tmp_path, token=None) as cp:
+        path = tmp_path / "state" / "turnout" / f"control-plane-{cp.api_url.rsplit(':', 1)[1]}.token"
+        assert f"admin token in {path}" in cp.ready_line
+        assert path.stat().st_mode & 0o777 == 0o600
+        with httpx.Client(base_url=cp.api_url) as http:
+            assert http.post("/v1/sessions", json={"key": "k", "routes": [ROUTE]}).status_code == 401, \
+                "nothing is open"
+        created = run_cli(cp, "session", "create", "--json", "--key", "k", "--route", "users=10.0.0.5:8080",
+                          token=None, state=tmp_path)
+        assert created.code == 0, created.err
+        assert created.json()["session"]["owner"] == "admin"
+        whoami = run_cli(cp, "whoami", "--json", token=None, state=tmp_path).json()
+        assert whoami["admin"] and whoami["proxy"] and whoami["via"] == "generated token"
+        assert cp.stop() == 0
+    assert not path.exists(), "the token dies with the run"

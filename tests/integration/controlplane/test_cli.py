@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import http.server
 import re
+import threading
 from pathlib import Path
 
 from tests.integration.cp_support import ControlPlane, run_cli, running_control_plane, write_policy
@@ -29,8 +31,9 @@ def test_session_lifecycle_human_output(control_plane: ControlPlane, tmp_path: P
     listed = run_cli(control_plane, "session", "list", "--owner", "alice")
     assert listed.code == 0
     header, *rows = listed.out.splitlines()
-    assert header.split() == ["ID", "KEY", "OWNER", "SERVICES", "EXPIRES", "REVISION"]
+    assert header.split() == ["ID", "KEY", "OWNER", "SERVICES", "EXPIRES", "REVISION", "REFUSED", "BY"]
     assert len(rows) == 1 and rows[0].split()[:4] == ["cli-1", "cli-key", "alice", "users,orders"]
+    assert rows[0].split()[-1] == "-", "no proxy refused it"
     assert header.index("KEY") == rows[0].index("cli-key"), "columns are aligned"
 
     extended = run_cli(control_plane, "session", "extend", "cli-1", "--ttl", "3h")
@@ -48,12 +51,12 @@ def test_json_output_is_the_apis(control_plane: ControlPlane) -> None:
     assert created.code == 0, created.err
     body = created.json()
     sid = body["session"]["id"]
-    assert re.fullmatch(r"s-[0-9a-f]{10}", sid) and set(body) == {"session", "revision"}
+    assert re.fullmatch(r"s-[0-9a-f]{10}", sid) and set(body) == {"session", "revision", "proxies"}
     assert body["session"]["expires_at"] - body["session"]["created_at"] == 7200, "the default TTL"
-    assert "owner" not in body["session"]
+    assert body["session"]["owner"] == "admin", "the identity of the token, whatever --owner says"
     assert run_cli(control_plane, "session", "get", sid, "--json").json() == body
     listed = run_cli(control_plane, "session", "list", "--json").json()
-    assert body in listed["sessions"]
+    assert {"session": body["session"], "revision": body["revision"]} in listed["sessions"]
     conflict = run_cli(control_plane, "session", "create", "--json", "--key", "json-key", "--route",
                        "users=10.0.0.7:80")
     assert conflict.code == 1
@@ -77,7 +80,7 @@ def test_refusals_print_every_problem_and_exit_1(control_plane: ControlPlane) ->
     assert as_json.code == 1 and as_json.json()["error"] == "invalid" and len(as_json.json()["problems"]) == 2
 
     wrong_token = run_cli(control_plane, "session", "list", token="not-the-token")
-    assert wrong_token.code == 1 and "wrong bearer token" in wrong_token.err
+    assert wrong_token.code == 1 and "unknown token" in wrong_token.err
 
 
 def test_usage_errors_exit_2(control_plane: ControlPlane, tmp_path: Path) -> None:
@@ -106,9 +109,43 @@ def test_token_file_option(control_plane: ControlPlane, tmp_path: Path) -> None:
 def test_unreachable_exits_3_naming_the_url() -> None:
     url = f"http://127.0.0.1:{closed_port()}"
     result = run_cli(None, "session", "list", url=url, token="t")
-    assert result.code == 3 and url in result.err and "unreachable" in result.err
+    assert result.code == 3 and url in result.err and "connection refused" in result.err
     as_json = run_cli(None, "status", "--json", "--control-plane", url, token="t")
     assert as_json.code == 3 and as_json.json()["error"] == "unreachable" and as_json.json()["url"] == url
+
+
+def test_a_server_that_is_not_a_turnout_control_plane_is_named_as_such() -> None:
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"<html>hello</html>"
+            self.send_response(200)
+            self.send_header("content-type", "text/html")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            return
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        result = run_cli(None, "session", "list", url=url, token="t")
+        assert result.code == 3 and result.err.count("\n") == 1 and url in result.err
+        assert "is not a turnout control plane" in result.err and "18080" in result.err
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def test_https_to_a_plain_http_control_plane_says_to_use_http(control_plane: ControlPlane) -> None:
+    url = control_plane.api_url.replace("http://", "https://")
+    result = run_cli(None, "session", "list", url=url, token="t")
+    assert result.code == 3 and result.err.count("\n") == 1 and url in result.err
+    assert "does not speak TLS there; use http://" in result.err and "Traceback" not in result.err
 
 
 def test_extend_is_capped_by_policy(tmp_path: Path) -> None:
@@ -123,7 +160,8 @@ def test_extend_is_capped_by_policy(tmp_path: Path) -> None:
 
 def test_help_texts() -> None:
     for args, expected in ((["session", "create", "--help"], "SERVICE=HOST:PORT"), (["status", "--help"], "--json"),
-                           (["control-plane", "--help"], "--allow-unauthenticated")):
+                           (["control-plane", "--help"], "--auth FILE"), (["audit", "--help"], "--since"),
+                           (["session", "update", "--help"], "--group")):
         result = run_cli(None, *args)
         assert result.code == 0 and expected in result.out, args
 

@@ -16,6 +16,7 @@ from tests.integration.cp_support import (
     run_cli,
     running_control_plane,
     start_control_plane,
+    state_env,
     write_policy,
 )
 
@@ -28,7 +29,7 @@ def test_sessions_and_revision_survive_a_restart(tmp_path: Path) -> None:
             assert http.post("/v1/sessions", json={"id": "gone-1", "key": "k2", "routes": [ROUTE]}).status_code == 201
             assert http.delete("/v1/sessions/gone-1").status_code == 204
             before = http.get("/v1/sessions").json()
-        created = run_cli(cp, "session", "create", "--json", "--id", "kept-2", "--key", "k3",
+        created = run_cli(cp, "session", "create", "--json", "--no-wait", "--id", "kept-2", "--key", "k3",
                           "--route", "orders=10.0.0.9:80", "--ttl", "1h")
         assert created.code == 0, created.err
         before["sessions"].append(created.json())
@@ -109,6 +110,6 @@ def test_a_second_control_plane_on_the_same_db_is_refused(tmp_path: Path) -> Non
     with running_control_plane(tmp_path, db=db):
         result = subprocess.run(
             [sys.executable, "-m", "turnout.cli", "control-plane", "--api", "127.0.0.1:0", "--grpc", "127.0.0.1:0",
-             "--db", str(db), "--allow-unauthenticated"],
-            capture_output=True, text=True, cwd=ROOT, timeout=30, check=False)
+             "--db", str(db)],
+            capture_output=True, text=True, cwd=ROOT, timeout=30, check=False, env=state_env(tmp_path))
         assert result.returncode == 2 and "in use by another control plane" in result.stderr, result.stderr

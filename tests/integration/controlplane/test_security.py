@@ -25,6 +25,7 @@ from tests.integration.cp_support import (
     ControlPlane,
     run_cli,
     running_control_plane,
+    state_env,
     write_token,
 )
 from turnout.v1 import config_pb2, config_pb2_grpc
@@ -66,10 +67,10 @@ def first_reply_code(call: Any) -> grpc.StatusCode | None:
 
 
 def test_push_stream_needs_the_token(control_plane: ControlPlane) -> None:
-    for token in (None, "wrong-token"):
+    for token, words in ((None, "missing bearer token"), ("wrong-token", "unknown token")):
         with open_stream(control_plane.grpc_target, token) as call:
             assert first_reply_code(call) is grpc.StatusCode.UNAUTHENTICATED
-            assert "bearer token" in call.details()
+            assert words in call.details() and "control_plane.token_file" in call.details()
     with open_stream(control_plane.grpc_target, TOKEN, timeout_s=1.0) as call:
         assert first_reply_code(call) is not grpc.StatusCode.UNAUTHENTICATED
 
@@ -119,16 +120,19 @@ def test_separate_proxy_token(tmp_path: Path) -> None:
     proxy_token = write_token(tmp_path, "proxy-token", PROXY_TOKEN)
     with running_control_plane(tmp_path, "--proxy-token-file", str(proxy_token)) as cp:
         with cp.client(token=PROXY_TOKEN) as http:
-            assert http.get("/v1/sessions").status_code == 401, "the proxy token cannot use the API"
+            response = http.get("/v1/sessions")
+            assert response.status_code == 403 and "proxy credential" in response.json()["message"], \
+                "the proxy token cannot use the API"
         with open_stream(cp.grpc_target, TOKEN) as call:
-            assert first_reply_code(call) is grpc.StatusCode.UNAUTHENTICATED, "the API token opens no push stream"
+            assert first_reply_code(call) is grpc.StatusCode.PERMISSION_DENIED, "the API token opens no push stream"
+            assert "no proxy group" in call.details()
         with open_stream(cp.grpc_target, PROXY_TOKEN, timeout_s=1.0) as call:
             assert first_reply_code(call) is not grpc.StatusCode.UNAUTHENTICATED
 
 
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A self-signed certificate for localhost and 127.0.0.1 (openssl; the cryptography package is absent)."""
+    """A self-signed certificate for localhost and 127.0.0.1 (made by openssl, as an operator would)."""
     tmp = tmp_path_factory.mktemp("tls")
     cert, key = tmp / "cert.pem", tmp / "key.pem"
     subprocess.run(
@@ -157,7 +161,12 @@ def test_tls(tmp_path: Path, certificate: tuple[Path, Path]) -> None:
         listed = run_cli(cp, "session", "list", "--ca-file", str(cert))
         assert listed.code == 0 and "tls-1" in listed.out
         untrusted = run_cli(cp, "session", "list")
-        assert untrusted.code == 3 and "CERTIFICATE_VERIFY_FAILED" in untrusted.err
+        assert untrusted.code == 3 and "certificate is not trusted" in untrusted.err and "--ca-file" in untrusted.err
+        assert untrusted.err.count("\n") == 1 and "Traceback" not in untrusted.err
+        plain = cp.api_url.replace("https://", "http://")
+        mismatch = run_cli(None, "session", "list", url=plain, token=TOKEN)
+        assert mismatch.code == 3 and mismatch.err.count("\n") == 1 and plain in mismatch.err
+        assert "use https://" in mismatch.err and "Traceback" not in mismatch.err
 
         credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
         with open_stream(cp.grpc_target, "wrong-token", credentials) as call:
@@ -167,15 +176,16 @@ def test_tls(tmp_path: Path, certificate: tuple[Path, Path]) -> None:
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    ([], "--token-file is required"),
-    (["--allow-unauthenticated", "--tls-cert", "cert.pem"], "--tls-cert and --tls-key go together"),
-    (["--allow-unauthenticated", "--policy", "missing.yaml"], "cannot read the policy file"),
-    (["--allow-unauthenticated", "--api", "nonsense"], "expected host:port"),
-    (["--allow-unauthenticated", "--tls-cert", "missing.pem", "--tls-key", "missing.pem"], "cannot load"),
+    (["--allow-unauthenticated"], "--allow-unauthenticated is gone: nothing is ever open"),
+    (["--tls-cert", "cert.pem"], "--tls-cert and --tls-key go together"),
+    (["--policy", "missing.yaml"], "cannot read the policy file"),
+    (["--api", "nonsense"], "expected host:port"),
+    (["--tls-cert", "missing.pem", "--tls-key", "missing.pem"], "cannot load"),
+    (["--auth", "missing.yaml"], "cannot read the auth file"),
 ])
 def test_refuses_to_start(tmp_path: Path, args: list[str], message: str) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "turnout.cli", "control-plane", "--api", "127.0.0.1:0", "--grpc", "127.0.0.1:0",
          "--db", str(tmp_path / "s.db"), *args],
-        capture_output=True, text=True, cwd=ROOT, timeout=30, check=False)
+        capture_output=True, text=True, cwd=ROOT, timeout=30, check=False, env=state_env(tmp_path))
     assert result.returncode == 2 and message in result.stderr, result.stderr

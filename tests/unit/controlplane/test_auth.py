@@ -1,4 +1,4 @@
-"""Unit tests for controlplane.auth: token files, bearer parsing, which token works where."""
+"""Unit tests for controlplane.auth: token files, bearer parsing, the generated local token's file."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.auth import Credentials, bearer_token, read_token, token_matches
+from controlplane.auth import bearer_token, local_token_path, read_token, write_local_token
 from controlplane.errors import StartupError
 
 
@@ -41,18 +41,14 @@ def test_bearer_token(header: str | None, token: str | None) -> None:
     assert bearer_token(header) == token
 
 
-def test_token_matches() -> None:
-    assert token_matches("abc", "abc")
-    assert not token_matches("abd", "abc") and not token_matches("ab", "abc") and not token_matches(None, "abc")
-
-
-def test_credentials(tmp_path: Path) -> None:
-    api = write(tmp_path, "api", "api-token")
-    proxy = write(tmp_path, "proxy", "proxy-token")
-    assert Credentials.load(api, None, False) == Credentials("api-token", "api-token"), "one token serves both"
-    assert Credentials.load(api, proxy, False) == Credentials("api-token", "proxy-token")
-    assert Credentials.load(None, None, True) == Credentials(None, None)
-    with pytest.raises(StartupError, match="--token-file is required"):
-        Credentials.load(None, proxy, False)
-    with pytest.raises(StartupError, match="same token"):
-        Credentials.load(api, write(tmp_path, "same", "api-token\n"), False)
+def test_local_token_file_is_private_and_found_by_port(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    path = local_token_path(18080)
+    assert path == tmp_path / "state" / "turnout" / "control-plane-18080.token"
+    path.parent.mkdir(parents=True)
+    path.write_text("old")
+    path.chmod(0o644)
+    write_local_token(path, "generated-token")
+    assert read_token(str(path), "the generated admin token") == "generated-token"
+    assert path.stat().st_mode & 0o777 == 0o600, "an older, readable file is made private"
+    assert local_token_path(18081) != path

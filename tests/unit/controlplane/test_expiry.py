@@ -9,7 +9,9 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from controlplane.audit import EXPIRY, AuditLog
 from controlplane.expiry import Expirer
+from controlplane.limits import Limits
 from controlplane.metrics import ControlPlaneMetrics
 from controlplane.store import Change, SessionStore
 from filters import Session, parse_session
@@ -38,7 +40,8 @@ def test_expiry_follows_the_store() -> None:
         store.subscribe(changes.append)
         store.create(session("far", time.time() + 3600))
         store.create(session("never", None))
-        task = asyncio.create_task(Expirer(store, ControlPlaneMetrics(registry, store)).run())
+        task = asyncio.create_task(Expirer(store, ControlPlaneMetrics(registry, store),
+                                           AuditLog(store, Limits())).run())
         try:
             await asyncio.sleep(0.05)  # the task now sleeps towards "far", an hour away
             due = time.time() + 0.1
@@ -47,6 +50,9 @@ def test_expiry_follows_the_store() -> None:
             assert due <= gone_at < due + 0.5, "woken by the create, not by the hour-long sleep"
             assert changes[-1].removed == ("soon",)
             assert registry.get_sample_value("turnout_cp_sessions_expired_total") == 1
+            (entry,) = store.audit(session="soon")
+            assert (entry.identity, entry.action, entry.session, entry.detail) == (
+                EXPIRY, "expire", "soon", {"expires_at": due}), "the expiry is audited with the removal"
             store.extend("far", time.time() + 0.05)
             await wait_until_gone(store, "far")
             assert sorted(store.all()) == ["never"]
@@ -64,7 +70,8 @@ def test_sessions_already_due_at_start_go_at_once() -> None:
         store = SessionStore(":memory:")
         store.create(session("old", time.time() + 0.01))
         await asyncio.sleep(0.02)
-        task = asyncio.create_task(Expirer(store, ControlPlaneMetrics(CollectorRegistry(), store)).run())
+        task = asyncio.create_task(Expirer(store, ControlPlaneMetrics(CollectorRegistry(), store),
+                                           AuditLog(store, Limits())).run())
         try:
             await wait_until_gone(store, "old", timeout_s=0.5)
         finally:

@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 
-from controlplane.errors import PolicyRefused
+from controlplane.errors import Conflict, PolicyRefused
 from controlplane.policy import Policy, load_policy, parse_policy
+from controlplane.store import StoredSession
 from filters import MatchLimits, RuleLimits, Session, ValidationError, parse_session
 
 NOW = 1_800_000_000.0
@@ -31,7 +32,7 @@ def refused_by(policy: Policy, s: Session, total: int = 0, owned: int = 0) -> Po
 def test_defaults() -> None:
     policy = parse_policy({})
     assert policy == Policy()
-    assert policy.default_ttl_s == 7200 and policy.forbid_unfiltered_steal and not policy.require_owner
+    assert policy.default_ttl_s == 7200 and policy.defaults.forbid_unfiltered_steal and not policy.require_owner
     assert policy.limits == RuleLimits()
     policy.check_create(session(owner="", ttl_s=10 * 86400, destination="203.0.113.9:80"), NOW, 10**4, 10**4)
     policy.check_extend(None, NOW)
@@ -112,7 +113,7 @@ def test_require_owner() -> None:
     policy = parse_policy({"require_owner": True})
     policy.check_create(session(owner="alice"), NOW, 0, 0)
     err = refused_by(policy, session(owner=""))
-    assert err.policy == "require_owner" and "--owner" in err.message
+    assert err.policy == "require_owner" and "needs an owner" in err.message
 
 
 def test_limits_tighten_filters_limits() -> None:
@@ -176,3 +177,179 @@ def test_load_policy_errors(tmp_path: Path) -> None:
     bad.write_text("- a list\n")
     with pytest.raises(ValidationError, match="mapping"):
         load_policy(bad)
+
+
+# ---------------------------------------------------------------------- per-group guardrails
+
+GROUPS = {
+    "max_sessions_per_owner": 2, "max_ttl_s": 28800,
+    "groups": {
+        "developers": {"allowed_services": ["users"], "allowed_destinations": ["10.0.0.0/8"], "max_priority": 10,
+                       "max_ttl_s": 7200, "modes": ["steal", "mirror"], "max_sessions_per_owner": 3},
+        "agents": {"allowed_services": ["orders"], "modes": ["mirror", "steal_without_key"], "max_priority": 50,
+                   "allow_lower_priority_overlap": True},
+        "platform": {},
+    },
+}
+
+
+def named(sid: str, key: str | None = None, owner: str = "alice", priority: int = 0,
+          match: dict[str, Any] | None = None, service: str = "users", mode: str = "steal") -> Session:
+    route: dict[str, Any] = {"service": service, "destination": "10.0.0.5:8080", "priority": priority, "mode": mode}
+    if match is not None:
+        route["match"] = match
+    spec: dict[str, Any] = {"id": sid, "owner": owner, "ttl_s": 600, "routes": [route]}
+    if key is not None:
+        spec["key"] = key
+    return parse_session(spec, now=NOW)
+
+
+@pytest.mark.parametrize(("groups", "s", "rule", "words"), [
+    (["developers"], named("a", "k", service="orders"), "allowed_services", ["'orders'", "group developers"]),
+    (["developers"], session(destination="192.168.1.1:80"), "allowed_destinations", ["192.168.1.1:80", "10.0.0.0/8"]),
+    (["developers"], named("a", "k", priority=11), "max_priority", ["priority 11", "above 10", "developers"]),
+    (["developers"], session(ttl_s=7201), "max_ttl_s", ["2h", "developers"]),
+    (["developers"], named("a", None, match={"header": {"name": "x-user", "exact": "a"}}), "modes",
+     ["steal_without_key", "give the session a key"]),
+    (["agents"], named("a", "k", service="orders"), "modes", ["mode steal", "mirror, steal_without_key"]),
+    ([], named("a", "k", priority=5, service="payments"), None, []),
+])
+def test_each_group_rule_refuses_naming_the_rule(groups: list[str], s: Session, rule: str | None,
+                                                 words: list[str]) -> None:
+    policy = parse_policy(GROUPS)
+    if rule is None:
+        policy.check_create(s, NOW, 0, 0, groups)  # the defaults: no service, priority or mode limit
+        return
+    with pytest.raises(PolicyRefused) as info:
+        policy.check_create(s, NOW, 0, 0, groups)
+    assert info.value.policy == rule
+    for word in words:
+        assert word in info.value.message, info.value.message
+
+
+def test_a_groups_lower_max_ttl_cuts_its_default_ttl() -> None:
+    policy = parse_policy({"default_ttl_s": 7200, "groups": {"interns": {"max_ttl_s": 600}}})
+    assert policy.default_ttl_for(["interns"]) == 600 and policy.default_ttl_for([]) == 7200
+
+
+def test_max_sessions_per_owner_follows_the_group() -> None:
+    policy = parse_policy(GROUPS)
+    policy.check_create(session(), NOW, 0, 2, ["developers"])
+    assert refused_by_groups(policy, session(), 3, ["developers"]).policy == "max_sessions_per_owner"
+    err = refused_by_groups(policy, session(), 2, [])
+    assert err.policy == "max_sessions_per_owner" and "the policy's defaults" in err.message
+
+
+def refused_by_groups(policy: Policy, s: Session, owned: int, groups: list[str]) -> PolicyRefused:
+    with pytest.raises(PolicyRefused) as info:
+        policy.check_create(s, NOW, 0, owned, groups)
+    return info.value
+
+
+def test_a_member_of_several_groups_gets_the_most_permissive_rule() -> None:
+    policy = parse_policy(GROUPS)
+    rules = policy.rules_for(["agents", "developers", "unknown-group"])
+    assert set(rules.allowed_services or ()) == {"users", "orders"}
+    assert rules.max_priority == 50 and rules.modes == frozenset({"steal", "mirror", "steal_without_key"})
+    assert rules.max_ttl_s == 28800, "agents inherit the defaults' max_ttl_s, which is the larger"
+    assert rules.allowed_destinations is None, "agents set none: any destination"
+    assert rules.allow_lower_priority_overlap
+    assert policy.rules_for(["platform"]).allowed_services is None
+    assert policy.rules_for(["nobody"]) == policy.defaults
+    policy.check_extend(NOW + 28800, NOW, ["developers", "agents"])
+    with pytest.raises(PolicyRefused, match="group developers"):
+        policy.check_extend(NOW + 7201, NOW, ["developers"])
+
+
+@pytest.mark.parametrize("match", [
+    {"path": {"prefix": "/"}},
+    {"path": {"prefix": ""}},
+    {"path": {"regex": "/.*"}},
+    {"path": {"regex": "(abc)?"}},
+    {"header": {"name": "x-user", "regex": ".*"}},
+    {"any_of": [{"header": {"name": "x-user", "exact": "bob"}}, {"path": {"prefix": "/"}}]},
+    {"not": {"all_of": [{"header": {"name": "x", "exact": "a"}}, {"header": {"name": "x", "exact": "b"}}]}},
+    {"not": {"path": {"exact": ""}}},
+    {"header": {"name": "x-never-sent", "present": False}},
+    {"header": {"name": "x-user", "exact": "zzz", "invert": True}},
+    {"method": ["GET", "POST"]},
+    {"header": {"name": "host", "present": True}},
+    {"any_of": [{"header": {"name": "x", "present": True}}, {"header": {"name": "x", "present": False}}]},
+    {"http_filter": {"header_filter": ".*"}},
+])
+def test_catch_all_filters_count_as_unfiltered(match: dict[str, Any]) -> None:
+    err = refused_by(Policy(), session(key=None, match=match))
+    assert err.policy == "forbid_unfiltered_steal" and "every request" in err.message
+
+
+@pytest.mark.parametrize("match", [
+    {"header": {"name": "x-user", "exact": "bob"}},
+    {"header": {"name": "x-user", "present": True}},
+    {"path": {"prefix": "/api"}},
+    {"all_of": [{"path": {"prefix": "/"}}, {"header": {"name": "x-user", "exact": "bob"}}]},
+    {"baggage": {"key": "tenant", "exact": "acme"}},
+])
+def test_real_filters_are_not_unfiltered(match: dict[str, Any]) -> None:
+    Policy().check_create(session(key=None, match=match), NOW, 0, 0)
+
+
+def stored(s: Session, group: str | None = None) -> StoredSession:
+    return StoredSession(s, 1, group)
+
+
+def test_overlap_with_another_owners_filter_is_a_conflict_naming_both() -> None:
+    alice = stored(named("alice-bob", None, owner="alice", match={"header": {"name": "x-user", "exact": "bob"}}))
+    grab = named("grab", None, owner="mallory", priority=1_000_000,
+                 match={"header": {"name": "x-user", "present": True}})
+    with pytest.raises(Conflict) as info:
+        Policy().check_overlap(grab, None, [alice], NOW)
+    err = info.value
+    assert err.holder == "alice-bob" and err.session == "grab" and err.status == 409
+    assert "'grab'" in err.message and "'alice-bob'" in err.message and "'alice'" in err.message
+    assert err.to_dict()["holder"] == "alice-bob" and err.to_dict()["session"] == "grab"
+
+
+def test_overlap_is_allowed_for_the_same_owner_a_shared_group_disjoint_filters_and_keys() -> None:
+    alice = stored(named("a1", None, owner="alice", match={"header": {"name": "x-user", "exact": "bob"}}), "team")
+    policy = Policy()
+    policy.check_overlap(named("a2", None, owner="alice", match={"header": {"name": "x-user", "present": True}}),
+                         None, [alice], NOW)
+    policy.check_overlap(named("agent", None, owner="agent-7", match={"header": {"name": "x-user", "present": True}}),
+                         "team", [alice], NOW)
+    for disjoint_match in ({"header": {"name": "x-user", "exact": "carol"}},
+                           {"header": {"name": "x-user", "present": False}},
+                           {"header": {"name": "x-user", "exact": "bob", "invert": True}},
+                           {"header": {"name": "x-user", "one_of": ["carol", "dave"]}}):
+        policy.check_overlap(named("m", None, owner="mallory", match=disjoint_match), None, [alice], NOW)
+    policy.check_overlap(named("keyed", "k", owner="mallory"), None, [alice], NOW)
+    expired = stored(parse_session({"id": "old", "owner": "bob", "expires_at": NOW - 1, "routes": [
+        {"service": "users", "destination": "10.0.0.5:80", "match": {"header": {"name": "x", "exact": "1"}}}]}))
+    policy.check_overlap(named("m", None, owner="mallory", match={"header": {"name": "x", "exact": "1"}}), None,
+                         [expired], NOW)
+
+
+def test_lower_priority_overlap_needs_the_policy_and_a_lower_priority() -> None:
+    alice = stored(named("a1", None, owner="alice", priority=5, match={"header": {"name": "x-user", "exact": "bob"}}))
+    under = named("m", None, owner="mallory", priority=4, match={"header": {"name": "x-user", "present": True}})
+    equal = named("m", None, owner="mallory", priority=5, match={"header": {"name": "x-user", "present": True}})
+    with pytest.raises(Conflict, match="overlaps are not allowed under the policy's defaults"):
+        Policy().check_overlap(under, None, [alice], NOW)
+    policy = parse_policy(GROUPS)
+    policy.check_overlap(under, None, [alice], NOW, ["agents"])
+    with pytest.raises(Conflict, match="priority below 5"):
+        policy.check_overlap(equal, None, [alice], NOW, ["agents"])
+
+
+@pytest.mark.parametrize(("data", "field", "reason"), [
+    ({"groups": []}, "policy.groups", "map group names"),
+    ({"groups": {"devs": {"max_sessions": 5}}}, "policy.groups.devs.max_sessions", "unknown rule for a group"),
+    ({"groups": {"devs": {"modes": ["teleport"]}}}, "policy.groups.devs.modes", "steal_without_key"),
+    ({"groups": {"devs": {"max_priority": 10**7}}}, "policy.groups.devs.max_priority", "whole number"),
+    ({"groups": {"devs": {"allow_lower_priority_overlap": "yes"}}},
+     "policy.groups.devs.allow_lower_priority_overlap", "true or false"),
+    ({"groups": {" devs": {}}}, "policy.groups", "whitespace"),
+])
+def test_invalid_groups_name_the_field(data: dict[str, Any], field: str, reason: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        parse_policy(data)
+    assert any(p.field == field and reason in p.reason for p in info.value.problems), info.value.problems

@@ -1,16 +1,19 @@
-"""Unit tests for controlplane.store: revisions, persistence across restarts, conflicts, expiry, listeners."""
+"""Unit tests for controlplane.store: revisions, persistence across restarts, conflicts, expiry, listeners,
+updates and shared groups, the filter-only index, and the audit trail (atomic with changes, bounded)."""
 
 from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from controlplane.errors import Conflict, NotFound, PolicyRefused, StartupError
-from controlplane.store import Change, SessionStore
+from controlplane.limits import Limits
+from controlplane.store import AuditEntry, Change, SessionStore
 from filters import RuleLimits, Session, parse_session
 
 NOW = 1_800_000_000.0
@@ -281,3 +284,102 @@ def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     with pytest.raises(StartupError, match="upgrade turnout"):
         SessionStore(str(path))
     SessionStore(":memory:").close()
+
+
+def entry(action: str, session: str | None = None, identity: str = "alice", at: float = NOW) -> AuditEntry:
+    return AuditEntry(at, identity, "127.0.0.1:5000", action, session=session, owner="alice", detail={"n": 1})
+
+
+def test_update_replaces_the_session_and_its_claims(store: SessionStore) -> None:
+    store.create(make("a", key="k1", services=("users", "orders")), group="team")
+    changes: list[Change] = []
+    store.subscribe(changes.append)
+    updated = store.update(make("a", key="k2", services=("users",)), "team", entry("update", "a"))
+    assert updated.revision == 2 and updated.group == "team" and store.get("a") == updated
+    assert store.holder("k1", "users") is None and store.holder("k1", "orders") is None
+    assert store.holder("k2", "users") == "a"
+    assert changes == [Change(2, (updated,), ())]
+    store.create(make("b", key="k3"))
+    with pytest.raises(Conflict) as info:
+        store.update(make("a", key="k3"), None)
+    assert info.value.holder == "b" and info.value.session == "a"
+    with pytest.raises(NotFound):
+        store.update(make("zzz"), None)
+    assert [e.action for e in store.audit()] == ["update"], "only the update carried an audit entry"
+
+
+def test_filter_only_index_follows_changes(store: SessionStore) -> None:
+    match = {"header": {"name": "x-user", "exact": "a"}}
+    store.create(make("f1", key=None, services=("users", "orders"), match=match))
+    store.create(make("f2", key=None, services=("users",), match=match))
+    store.create(make("keyed", key="k"))
+    assert sorted(s.session.id for s in store.filter_only("users")) == ["f1", "f2"]
+    assert [s.session.id for s in store.filter_only("orders")] == ["f1"]
+    store.update(make("f1", key="now-keyed", services=("users", "orders")), None)
+    assert [s.session.id for s in store.filter_only("users")] == ["f2"] and store.filter_only("orders") == []
+    store.delete("f2")
+    assert store.filter_only("users") == []
+
+
+def test_audit_entries_are_committed_with_their_change_and_logged_after(store: SessionStore) -> None:
+    logged: list[AuditEntry] = []
+    store.subscribe_audit(logged.append)
+    store.create(make("a"), audit=entry("create", "a"))
+    store.extend("a", NOW + 120, entry("extend", "a"))
+    store.delete("a", entry("delete", "a"))
+    store.append_audit([entry("refuse", identity="mallory")])
+    store.create(make("b", expires_at=NOW + 1))
+    store.expire(NOW + 2, lambda stored: entry("expire", stored.session.id, identity="turnout:expiry"))
+    entries = store.audit()
+    assert [e.action for e in entries] == ["create", "extend", "delete", "refuse", "expire"]
+    assert [e.seq for e in entries] == [1, 2, 3, 4, 5]
+    assert logged == entries, "listeners see each committed entry, numbered"
+    assert [e.action for e in store.audit(session="a")] == ["create", "extend", "delete"]
+    assert [e.action for e in store.audit(party="mallory")] == ["refuse"], "what mallory did"
+    assert len(store.audit(party="alice")) == 5, "what alice did and what was done to her sessions"
+    assert [e.action for e in store.audit(since=NOW + 1)] == [], "all stamped NOW"
+    assert [e.action for e in store.audit(limit=2)] == ["refuse", "expire"], "the newest, oldest first"
+    store.create(make("c", key="k1"))
+    with pytest.raises(Conflict):
+        store.create(make("c2", key="k1"), audit=entry("create", "c2"))
+    assert len(store.audit()) == 5, "a refused change commits no entry"
+
+
+def test_audit_is_pruned_by_age_and_count() -> None:
+    store = SessionStore(":memory:", retention=Limits(audit_max_entries=150, audit_retention_s=3600))
+    try:
+        now = time.time()
+        store.append_audit([entry("refuse", at=now - 7200) for _ in range(10)])
+        store.append_audit([entry("refuse", at=now) for _ in range(300)])
+        kept = store.audit(limit=1000)
+        assert len(kept) <= 150 + 100, "pruned every 100 entries to at most the limit"
+        assert all(e.at == now for e in kept), "entries past the retention time are gone"
+        assert kept[-1].seq == 310, "numbers are never reused"
+    finally:
+        store.close()
+
+
+def test_a_version_1_database_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "v1.db"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE sessions (id TEXT PRIMARY KEY, spec TEXT NOT NULL, revision INTEGER NOT NULL)")
+    db.execute("CREATE TABLE meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+    db.execute("INSERT INTO sessions VALUES ('old', ?, 7)", (json.dumps(make("old").to_dict()),))
+    db.execute("INSERT INTO meta VALUES ('revision', 7)")
+    db.execute("PRAGMA user_version=1")
+    db.commit()
+    db.close()
+    store = SessionStore(str(path))
+    try:
+        old = store.get("old")
+        assert old is not None and old.revision == 7 and old.group is None and store.revision == 7
+        store.create(make("new", key="k2"), group="team", audit=entry("create", "new"))
+        assert [e.session for e in store.audit()] == ["new"]
+    finally:
+        store.close()
+    reopened = SessionStore(str(path))
+    try:
+        new = reopened.get("new")
+        assert new is not None and new.group == "team", "the group survives a restart"
+    finally:
+        reopened.close()
