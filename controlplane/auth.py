@@ -9,8 +9,6 @@ import re
 import ssl
 from pathlib import Path
 
-import grpc
-
 from controlplane.errors import StartupError
 
 # RFC 6750 b64token: what can follow "Bearer " in a header.
@@ -68,13 +66,3 @@ def api_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     except (OSError, ssl.SSLError) as exc:
         raise StartupError(f"--tls-cert {cert_file} / --tls-key {key_file}: cannot load: {exc}") from None
     return context
-
-
-def grpc_server_credentials(cert_file: str, key_file: str) -> grpc.ServerCredentials:
-    """TLS credentials for the gRPC push server from the same files."""
-    try:
-        cert = Path(cert_file).read_bytes()
-        key = Path(key_file).read_bytes()
-    except OSError as exc:
-        raise StartupError(f"cannot read the TLS certificate or key: {exc}") from None
-    return grpc.ssl_server_credentials([(key, cert)])

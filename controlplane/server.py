@@ -40,7 +40,6 @@ from controlplane.api import ApiService
 from controlplane.audit import AuditLog, audit_log
 from controlplane.auth import (
     api_ssl_context,
-    grpc_server_credentials,
     local_token_path,
     read_token,
     write_local_token,
@@ -300,3 +299,13 @@ def run_control_plane(options: ServerOptions) -> int:
 
 async def _main(options: ServerOptions) -> int:
     return await ControlPlane(options).run()
+
+
+def grpc_server_credentials(cert_file: str, key_file: str) -> grpc.ServerCredentials:
+    """TLS credentials for the gRPC push server from the same files as the API's."""
+    try:
+        cert = Path(cert_file).read_bytes()
+        key = Path(key_file).read_bytes()
+    except OSError as exc:
+        raise StartupError(f"cannot read the TLS certificate or key: {exc}") from None
+    return grpc.ssl_server_credentials([(key, cert)])
