@@ -1,14 +1,16 @@
 # turnout: the two commands a user needs are `make demo` and `make test`.
-# Both create .venv with the project and what the tests need; only python3 >= 3.11 and pip
-# have to be on the machine.
+# Both create .venv with the project and what the tests need; only python3 >= 3.11, pip and
+# apt have to be on the machine (tools/system-packages.sh installs Debian's python3-venv, and
+# for the tests curl, openssl, iproute2 and kubectl, when they are missing).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint typecheck unit bench proto compile clean-compiled clean
+.PHONY: demo test system-packages lint typecheck unit bench proto compile clean-compiled clean
 
 $(STAMP): pyproject.toml
+	PYTHON=$(PYTHON) sh tools/system-packages.sh venv
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'
@@ -17,7 +19,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/turnout demo
 
-test: lint typecheck unit
+test: system-packages lint typecheck unit
+
+system-packages:
+	sh tools/system-packages.sh test
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
