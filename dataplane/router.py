@@ -193,10 +193,17 @@ class Router:
             request.authority = authority = str(baseline).encode("latin-1")
             request.fields = [*request.fields, (b"host", authority)]
             request.by_name = None
-        fields = joined_fields(request.fields, request.by_name)
-        if request.http2:
-            fields["host"] = authority.decode("latin-1")
-        head = RequestHead(request.method.decode("latin-1"), request.target.decode("latin-1"), fields)
+        # The decision reads a few headers: they are decoded when read (``RequestHead.header``).
+        by_name = request.by_name
+        host = authority.decode("latin-1") if request.http2 else None
+        if by_name is not None:
+            head = RequestHead(request.method.decode("latin-1"), request.target.decode("latin-1"), raw=by_name,
+                               host=host)
+        else:
+            fields = joined_fields(request.fields)
+            if host is not None:
+                fields["host"] = host
+            head = RequestHead(request.method.decode("latin-1"), request.target.decode("latin-1"), fields)
         decision = rt.snapshot.decide(service, head, self.wall_time())
         return Exchange(self, downstream, request, rt, service, baseline, decision, head)
 

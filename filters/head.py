@@ -19,17 +19,48 @@ class RequestHead:
     ``str``; the data plane decodes header bytes as latin-1 so nothing is lost.
     ``target`` is the origin-form target: path plus an optional ``?query``.
     ``found_key`` is set by ``Snapshot.decide``: the routing key it found, if any.
+
+    The data plane gives the fields as received instead (``raw``: lower-case byte names to
+    byte values, no name repeated; ``host``: the authority when it is not among them):
+    a decision reads a handful of headers, so ``header`` decodes only those, and
+    ``headers`` is built only when something needs them all.
     """
 
-    __slots__ = ("method", "target", "headers", "found_key", "_baggage", "_block")
+    __slots__ = ("method", "target", "_headers", "_raw", "_host", "found_key", "_baggage", "_block")
 
-    def __init__(self, method: str, target: str, headers: Mapping[str, str]) -> None:
+    def __init__(self, method: str, target: str, headers: Mapping[str, str] | None = None, *,
+                 raw: dict[bytes, bytes] | None = None, host: str | None = None) -> None:
         self.method = method
         self.target = target
-        self.headers = headers
+        self._headers = headers
+        self._raw = raw
+        self._host = host
         self.found_key: FoundKey | None = None
         self._baggage: dict[str, str] | None = None
         self._block: str | None = None
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        """Every header by lower-case name (built on first use from ``raw``)."""
+        headers = self._headers
+        if headers is None:
+            raw = self._raw
+            decoded = joined_fields([], raw) if raw else {}
+            if self._host is not None and "host" not in decoded:
+                decoded["host"] = self._host
+            headers = self._headers = decoded
+        return headers
+
+    def header(self, name: str) -> str | None:
+        """The value of header ``name`` (lower case), or None; decodes only this one."""
+        headers = self._headers
+        if headers is not None:
+            return headers.get(name)
+        raw = self._raw
+        value = raw.get(name.encode("latin-1")) if raw is not None else None
+        if value is None:
+            return self._host if name == "host" else None
+        return value.decode("latin-1")
 
     @classmethod
     def from_pairs(
@@ -75,7 +106,7 @@ class RequestHead:
     ) -> dict[str, str]:
         """All baggage members (decoded), parsed once per head and cached."""
         if self._baggage is None:
-            header = self.headers.get("baggage")
+            header = self.header("baggage")
             self._baggage = baggage_values(header, max_members, max_bytes) if header else {}
         return self._baggage
 

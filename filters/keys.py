@@ -167,7 +167,7 @@ def _make_finder(source: KeySource, config: KeyConfig) -> Finder:
         members = MemberExtractor(names, config.baggage_max_members, config.baggage_max_bytes)
 
         def find_baggage(head: RequestHead) -> tuple[str, str] | None:
-            header = head.headers.get("baggage")
+            header = head.header("baggage")
             if not header:
                 return None
             found = members.extract(header)
@@ -183,9 +183,9 @@ def _make_finder(source: KeySource, config: KeyConfig) -> Finder:
 
         return find_baggage
     if source.kind == "tracestate":
-        return lambda head: _find_list_member(head.headers.get("tracestate"), names, ",", "=", None)
+        return lambda head: _find_list_member(head.header("tracestate"), names, ",", "=", None)
     if source.kind == "cookie":
-        return lambda head: _find_list_member(head.headers.get("cookie"), names, ";", "=", unquote)
+        return lambda head: _find_list_member(head.header("cookie"), names, ";", "=", unquote)
     if source.kind == "query":
         return lambda head: _find_list_member(head.query, names, "&", "=", unquote_plus)
     prefix = "" if source.kind == "header" else source.kind + "-"
@@ -195,7 +195,7 @@ def _make_finder(source: KeySource, config: KeyConfig) -> Finder:
 
     def find_header(head: RequestHead) -> tuple[str, str] | None:
         for name, header_name in header_names:
-            value = head.headers.get(header_name)
+            value = head.header(header_name)
             if value:
                 value = value.strip(" \t")
                 if decode is not None and "%" in value:

@@ -437,7 +437,7 @@ class _Parser:
         if parsed is None:
             return None
         lname = name.lower()
-        return Leaf("header", lname, parsed[0], parsed[1], lambda h: h.headers.get(lname))
+        return Leaf("header", lname, parsed[0], parsed[1], lambda h: h.header(lname))
 
     def path(self, body: Any, where: str) -> Matcher | None:
         if isinstance(body, str):

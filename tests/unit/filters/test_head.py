@@ -27,3 +27,17 @@ def test_the_by_name_fast_path_agrees(fields: dict[bytes, bytes]) -> None:
 def test_cookies_join_with_semicolons_and_others_with_commas() -> None:
     assert joined_fields([(b"cookie", b"a=1"), (b"cookie", b"b=2"), (b"accept", b"x"), (b"accept", b"y")]) == {
         "cookie": "a=1; b=2", "accept": "x, y"}
+
+
+@given(st.dictionaries(_NAME, _VALUE, max_size=5), st.sampled_from([None, "users:8080"]),
+       st.sampled_from(["cookie", "baggage", "x-user", "accept", "host", "absent"]))
+def test_a_head_over_raw_fields_reads_as_the_decoded_one(fields: dict[bytes, bytes], host: str | None,
+                                                         name: str) -> None:
+    eager = joined_fields(list(fields.items()))
+    if host is not None and "host" not in eager:
+        eager["host"] = host
+    lazy = RequestHead("GET", "/", raw=fields, host=host)
+    assert lazy.header(name) == eager.get(name)  # read alone, before anything decoded the rest
+    assert lazy.headers == eager
+    assert lazy.header(name) == eager.get(name)  # and after
+    assert lazy.baggage() == RequestHead("GET", "/", eager).baggage()
