@@ -53,7 +53,7 @@ from controlplane.limits import Limits, RateLimiter
 from controlplane.metrics import ControlPlaneMetrics
 from controlplane.policy import Policy
 from controlplane.store import SessionStore, StoredSession
-from filters import Problem, Session, ValidationError, parse_session
+from filters import Problem, Session, ValidationError, finite_number, parse_session
 
 _EXTEND_FIELDS = frozenset({"ttl_s", "expires_at"})
 _CHANGES = frozenset({"POST", "PUT", "DELETE"})
@@ -477,9 +477,10 @@ def _parse_time(value: Any, field: str) -> float:
         if parsed is None or parsed.tzinfo is None:
             raise ValidationError([Problem(field, "must be unix seconds or an RFC 3339 time with a zone")])
         return parsed.timestamp()
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    seconds = finite_number(value)
+    if seconds is None:
         raise ValidationError([Problem(field, "must be unix seconds or an RFC 3339 time with a zone")])
-    return float(value)
+    return seconds
 
 
 def _parse_extend(body: dict[str, Any], now: float) -> float:
@@ -490,8 +491,8 @@ def _parse_extend(body: dict[str, Any], now: float) -> float:
     if len(body) != 1:
         raise ValidationError([Problem("body", "give exactly one of ttl_s (seconds from now) or expires_at")])
     if "ttl_s" in body:
-        ttl_s = body["ttl_s"]
-        if isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float)) or not 0 < ttl_s < math.inf:
+        ttl_s = finite_number(body["ttl_s"])
+        if ttl_s is None or ttl_s <= 0:
             raise ValidationError([Problem("ttl_s", "must be a positive number of seconds")])
         return now + ttl_s
     expires_at = _parse_time(body["expires_at"], "expires_at")

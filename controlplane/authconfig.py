@@ -24,18 +24,16 @@ Relative paths are relative to the file. Every problem is reported with its fiel
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from controlplane.identity import Roles, name_problem
 from controlplane.jwks import DEFAULT_ALGORITHMS, IssuerConfig, check_jwks_url
 from controlplane.limits import Limits, parse_limits
-from filters import Problem, ValidationError
+from filters import Problem, ValidationError, finite_number
+from turnout.yamltext import YamlError, load_yaml_text
 
 _FIELDS = ("admin_groups", "proxy_groups", "tokens_file", "issuers", "groups", "limits")
 _ISSUER_FIELDS = ("issuer", "audiences", "jwks_file", "jwks_url", "jwks_ca_file", "jwks_token_file",
@@ -61,8 +59,8 @@ def load_auth_config(path: str | Path) -> AuthConfig:
     except (OSError, UnicodeDecodeError) as exc:
         raise ValidationError([Problem(str(path), f"cannot read the auth file: {exc}")]) from None
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
+        data = load_yaml_text(text)
+    except YamlError as exc:
         raise ValidationError([Problem(str(path), f"invalid YAML: {exc}")]) from None
     return parse_auth_config({} if data is None else data, Path(path).resolve().parent)
 
@@ -181,15 +179,15 @@ def _issuer(spec: Any, base: Path, where: str, fail: Callable[[str, str], None])
         changes["jwks_url"] = url
     for name, least in (("jwks_refresh_s", 1.0), ("jwks_min_refresh_s", 0.0), ("leeway_s", 0.0)):
         if name in spec:
-            value = spec[name]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not least <= value < math.inf:
+            value = finite_number(spec[name])
+            if value is None or value < least:
                 bad(f"{where}.{name}", "must be a positive number of seconds" if least else "must be a number of "
                     "seconds, 0 or more")
             else:
-                changes[name] = float(value)
+                changes[name] = value
     if "algorithms" in spec:
         algorithms = spec["algorithms"]
-        if not isinstance(algorithms, list) or not algorithms or not set(algorithms) <= set(DEFAULT_ALGORITHMS):
+        if not isinstance(algorithms, list) or not algorithms or not all(a in DEFAULT_ALGORITHMS for a in algorithms):
             bad(f"{where}.algorithms", "must be a non-empty list of: " + ", ".join(DEFAULT_ALGORITHMS))
         else:
             changes["algorithms"] = tuple(algorithms)

@@ -92,11 +92,14 @@ def claim(claims: Mapping[str, Any], path: str) -> Any:
 
 def check_jwks_url(url: str) -> str | None:
     """Why ``url`` cannot serve keys, or None: https, or http to this host only."""
-    parts = urlsplit(url)
-    if parts.scheme == "https" and parts.hostname:
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname  # parsed on first use: "https://[::1" fails here
+    except ValueError as exc:
+        return f"is not a URL ({exc})"
+    if parts.scheme == "https" and host:
         return None
-    if parts.scheme == "http" and parts.hostname:
-        host = parts.hostname
+    if parts.scheme == "http" and host:
         with contextlib.suppress(ValueError):
             if ipaddress.ip_address(host).is_loopback:
                 return None

@@ -7,13 +7,12 @@ number comes from. An unknown field or an out-of-range value is an error naming 
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from filters import Problem, RuleLimits
+from filters import Problem, RuleLimits, finite_number
 
 _DAY_S = 86400.0
 
@@ -88,10 +87,13 @@ def parse_limits(data: Any, where: str, problems: list[Problem]) -> Limits:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 problems.append(Problem(at, "must be a whole number of at least 1"))
                 continue
-        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-            problems.append(Problem(at, "must be a positive number"))
-            continue
-        changes[name] = value
+            changes[name] = value
+        else:
+            number = finite_number(value)
+            if number is None or number <= 0:
+                problems.append(Problem(at, "must be a positive number"))
+                continue
+            changes[name] = number
     limits = dataclasses.replace(Limits(), **changes)
     if limits.max_unauthenticated_per_source > limits.max_unauthenticated_connections:
         problems.append(Problem(f"{where}.max_unauthenticated_per_source",

@@ -40,20 +40,18 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import ipaddress
-import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import yaml
-
 from controlplane.durations import format_duration
 from controlplane.errors import Conflict, PolicyRefused
 from controlplane.identity import name_problem
 from controlplane.overlap import disjoint, unfiltered
-from filters import Address, MatchLimits, Problem, Route, RuleLimits, Session, ValidationError
+from filters import Address, MatchLimits, Problem, Route, RuleLimits, Session, ValidationError, finite_number
+from turnout.yamltext import YamlError, load_yaml_text
 
 _DEFAULT_TTL_S = 7200.0  # two hours: a working session; extend for longer
 _RULE_DEFAULTS = RuleLimits()
@@ -317,9 +315,11 @@ def load_policy(path: str | Path) -> Policy:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ValidationError([Problem(str(path), f"cannot read the policy file: {exc.strerror}")]) from None
+    except UnicodeDecodeError as exc:
+        raise ValidationError([Problem(str(path), f"cannot read the policy file: not UTF-8 ({exc})")]) from None
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
+        data = load_yaml_text(text)
+    except YamlError as exc:
         raise ValidationError([Problem(str(path), f"invalid YAML: {exc}")]) from None
     return parse_policy({} if data is None else data)
 
@@ -392,7 +392,7 @@ def _rules(data: Mapping[str, Any], base: Rules, where: str, fail: Callable[[str
                                                         f"{where}.allowed_destinations", fail)
     if data.get("modes") is not None:
         modes = data["modes"]
-        if not isinstance(modes, list) or not set(modes) <= set(MODES):
+        if not isinstance(modes, list) or not all(mode in MODES for mode in modes):
             fail(f"{where}.modes", "must be a list of: " + ", ".join(MODES))
         else:
             changes["modes"] = frozenset(modes)
@@ -458,10 +458,11 @@ def _count(value: Any, where: str, most: int, fail: Callable[[str, str], None]) 
 
 
 def _seconds(value: Any, where: str, fail: Callable[[str, str], None]) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+    seconds = finite_number(value)
+    if seconds is None or seconds <= 0:
         fail(where, "must be a positive number of seconds")
         return _DEFAULT_TTL_S
-    return float(value)
+    return seconds
 
 
 def _limits(value: Any, where: str, fail: Callable[[str, str], None]) -> RuleLimits:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dataplane.rules import ConfigError, load_yaml, parse_yaml, snapshot_from_config
-from filters import UPSTREAM_PROTOCOLS, Address, Problem, Snapshot, parse_address
+from filters import UPSTREAM_PROTOCOLS, Address, Problem, Snapshot, finite_number, parse_address
 
 
 @dataclass(frozen=True)
@@ -531,13 +531,17 @@ def _limits(spec: Any, problems: list[Problem]) -> Limits:
         if f is None:
             problems.append(Problem(f"limits.{key}", "unknown limit; known: " + ", ".join(_LIMIT_FIELDS)))
             continue
-        is_float = f.type == "float"
-        ok = (isinstance(value, (int, float)) if is_float else isinstance(value, int)) and not isinstance(value, bool)
-        if not ok or value <= 0:
-            kind = "a positive number of seconds" if is_float else "a positive integer"
-            problems.append(Problem(f"limits.{key}", "must be " + kind))
-            continue
-        values[key] = float(value) if is_float else value
+        if f.type == "float":
+            # Finite: YAML's .inf and .nan are floats, and a NaN timeout would never fire.
+            seconds = finite_number(value)
+            if seconds is None or seconds <= 0:
+                problems.append(Problem(f"limits.{key}", "must be a positive number of seconds"))
+                continue
+            values[key] = seconds
+        elif isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            problems.append(Problem(f"limits.{key}", "must be a positive integer"))
+        else:
+            values[key] = value
     limits = Limits(**values)
     if limits.write_low_watermark_bytes > limits.write_high_watermark_bytes:
         problems.append(Problem("limits.write_low_watermark_bytes", "must not exceed write_high_watermark_bytes"))

@@ -7,8 +7,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from filters import (
     KeyConfig,
     Problem,
@@ -20,6 +18,7 @@ from filters import (
     parse_key_config,
     parse_sessions,
 )
+from turnout.yamltext import YamlError, load_yaml_text
 
 ROUTING_FIELDS = frozenset({"key_sources", "baggage_keys", "baggage_max_members", "baggage_max_bytes",
                             "debug_headers"})
@@ -35,14 +34,16 @@ def load_yaml(path: str | Path) -> Mapping[str, Any]:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([Problem(str(path), f"cannot read: {exc.strerror}")]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([Problem(str(path), f"cannot read: not UTF-8 ({exc})")]) from None
     return parse_yaml(text, str(path))
 
 
 def parse_yaml(text: str, origin: str) -> Mapping[str, Any]:
     """Parse YAML text that must hold a mapping."""
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
+        data = load_yaml_text(text)
+    except YamlError as exc:
         raise ConfigError([Problem(origin, f"invalid YAML: {exc}")]) from None
     if data is None:
         return {}

@@ -281,10 +281,10 @@ def _parse_session(
         ttl = spec["ttl_s"]
         if now is None:
             fail(where + ".ttl_s", "cannot be resolved here; give expires_at")
-        elif isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl < math.inf:
+        elif (ttl_s := finite_number(ttl)) is None or ttl_s <= 0:
             fail(where + ".ttl_s", "must be a positive number of seconds")
         else:
-            expires_at = now + ttl
+            expires_at = now + ttl_s
     default_priority = _parse_priority(spec.get("priority", 0), where + ".priority", fail)
     routes_spec = spec.get("routes")
     routes: list[Route] = []
@@ -361,6 +361,19 @@ def _parse_route(
     return Route(service, destination, mode, fallback, match, priority, upstream_protocol)
 
 
+def finite_number(value: Any) -> float | None:
+    """The finite float a JSON or YAML number stands for; None for a bool, anything not a
+    number, NaN, an infinity, or an integer too large for a float (``float()`` of one
+    raises ``OverflowError``), so the caller can name the field."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
 def _parse_priority(value: Any, where: str, fail: Any) -> int:
     lo, hi = _PRIORITY_RANGE
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
@@ -381,10 +394,11 @@ def _parse_time(value: Any, where: str, fail: Any) -> float | None:
             fail(where, "an RFC 3339 time needs a zone offset, e.g. 'Z'")
             return None
         return parsed.timestamp()
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+    seconds = finite_number(value)
+    if seconds is None or seconds < 0:
         fail(where, "must be unix seconds or an RFC 3339 time")
         return None
-    return float(value)
+    return seconds
 
 
 def _check_labels(labels: Any, where: str, limits: RuleLimits, fail: Any) -> None:

@@ -129,6 +129,14 @@ def test_create_needs_a_json_object(api: Api, raw: bytes, reason: str) -> None:
     assert reply.status == 400 and body["problems"][0]["field"] == "body" and reason in body["problems"][0]["reason"]
 
 
+@pytest.mark.parametrize("name", ["ttl_s", "expires_at"])
+def test_create_refuses_numbers_too_large_for_a_float(api: Api, name: str) -> None:
+    # Found by the controlplane_json fuzz target: this was a 500 (OverflowError).
+    reply, body = api.call("POST", "/v1/sessions", raw=b'{"key": "k", "routes": [{"service": "users", '
+                           b'"destination": "10.0.0.5:8080"}], "' + name.encode() + b'": 1' + b"0" * 400 + b"}")
+    assert reply.status == 400 and [p["field"] for p in body["problems"]] == ["session." + name]
+
+
 def test_create_refuses_a_past_expiry(api: Api) -> None:
     reply, body = api.call("POST", "/v1/sessions", {"key": "k", "expires_at": NOW - 1, "routes": [ROUTE]})
     assert reply.status == 400 and body["problems"] == [{"field": "session.expires_at", "reason": "is in the past"}]
@@ -189,6 +197,8 @@ def test_extend(api: Api) -> None:
     ({}, "body"), ({"ttl_s": 1, "expires_at": NOW + 5}, "body"), ({"ttl": 5}, "body"), ({"ttl_s": 0}, "ttl_s"),
     ({"ttl_s": "2h"}, "ttl_s"), ({"expires_at": NOW - 5}, "expires_at"), ({"expires_at": "tomorrow"}, "expires_at"),
     ({"expires_at": "2030-01-01T00:00:00"}, "expires_at"), ({"expires_at": True}, "expires_at"),
+    # Integers too large for a float (float() raises OverflowError): the controlplane_json fuzz target.
+    ({"ttl_s": 10**400}, "ttl_s"), ({"expires_at": 10**400}, "expires_at"),
 ])
 def test_extend_refuses_bad_bodies(api: Api, body: dict[str, Any], field: str) -> None:
     api.call("POST", "/v1/sessions", {"id": "a", "key": "k", "routes": [ROUTE]})

@@ -12,7 +12,7 @@ import yaml
 from controlplane.authconfig import load_auth_config, parse_auth_config
 from controlplane.identity import Roles
 from controlplane.limits import Limits, RateLimiter
-from controlplane.tokens import parse_tokens, token_digest
+from controlplane.tokens import load_tokens, parse_tokens, token_digest
 from filters import ValidationError
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -64,6 +64,15 @@ def test_relative_paths_are_taken_from_the_file(tmp_path: Path) -> None:
     ({"limits": {"max_nothing": 3}}, "auth.limits.max_nothing", "unknown limit"),
     ({"limits": {"max_unauthenticated_connections": 4, "max_unauthenticated_per_source": 8}},
      "auth.limits.max_unauthenticated_per_source", "must not exceed"),
+    # Found by the policy_file fuzz target: each of these raised instead (TypeError, ValueError, OverflowError).
+    ({"issuers": [{"issuer": "https://i", "audiences": ["t"], "jwks_file": "k", "algorithms": [["RS256"]]}]},
+     "auth.issuers[0].algorithms", "RS256"),
+    ({"issuers": [{"issuer": "https://i", "audiences": ["t"], "jwks_url": "https://[::1"}]},
+     "auth.issuers[0].jwks_url", "is not a URL"),
+    ({"issuers": [{"issuer": "https://i", "audiences": ["t"], "jwks_file": "k", "leeway_s": 10**400}]},
+     "auth.issuers[0].leeway_s", "0 or more"),
+    ({"limits": {"idle_timeout_s": 10**400}}, "auth.limits.idle_timeout_s", "positive number"),
+    ({"limits": {"idle_timeout_s": float("nan")}}, "auth.limits.idle_timeout_s", "positive number"),
 ])
 def test_invalid_auth_names_the_field(tmp_path: Path, data: dict[str, Any], field: str, reason: str) -> None:
     with pytest.raises(ValidationError) as info:
@@ -85,6 +94,16 @@ def test_invalid_tokens_name_the_entry(entry: dict[str, Any], field: str, reason
         parse_tokens({"tokens": [entry]}, "tokens")
     where = "tokens: tokens[0]" + (f".{field}" if field else "")
     assert any(p.field == where and reason in p.reason for p in info.value.problems), info.value.problems
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe", b"limits: {idle_timeout_s: 2001-02-30}\n", b"[" * 5000])
+def test_an_unreadable_auth_or_tokens_file_is_a_validation_error(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "auth.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ValidationError, match=r"not UTF-8|invalid YAML|cannot read"):
+        load_auth_config(path)
+    with pytest.raises(ValidationError, match=r"not UTF-8|invalid YAML|cannot read"):
+        load_tokens(path)
 
 
 def test_tokens_are_kept_by_digest_and_each_is_its_own() -> None:

@@ -154,6 +154,10 @@ def test_limits_tighten_filters_limits() -> None:
     ({"allowed_destinations": ["10.0.0.1/8"]}, "policy.allowed_destinations[0]", "not a valid CIDR"),
     ({"allowed_destinations": ["10.*"]}, "policy.allowed_destinations[0]", "write a CIDR"),
     ({"allowed_destinations": ["host name"]}, "policy.allowed_destinations[0]", "neither a CIDR"),
+    # Found by the policy_file fuzz target: these raised TypeError and OverflowError instead.
+    ({"modes": [["steal"]]}, "policy.modes", "must be a list of"),
+    ({"groups": {"developers": {"modes": [{"steal": 1}]}}}, "policy.groups.developers.modes", "must be a list of"),
+    ({"max_ttl_s": 10**400}, "policy.max_ttl_s", "positive number of seconds"),
 ])
 def test_invalid_policy_names_the_field(data: dict[str, Any], field: str, reason: str) -> None:
     with pytest.raises(ValidationError) as info:
@@ -177,6 +181,12 @@ def test_load_policy_errors(tmp_path: Path) -> None:
     bad.write_text("- a list\n")
     with pytest.raises(ValidationError, match="mapping"):
         load_policy(bad)
+    # What PyYAML or reading the file raise besides YAMLError (the policy_file fuzz target).
+    for content, message in ((b"\xff\xfe", "not UTF-8"), (b"max_ttl_s: 2001-02-30\n", "invalid YAML"),
+                             (b"max_ttl_s: !!timestamp x\n", "invalid YAML"), (b"[" * 5000, "invalid YAML")):
+        bad.write_bytes(content)
+        with pytest.raises(ValidationError, match=message):
+            load_policy(bad)
 
 
 # ---------------------------------------------------------------------- per-group guardrails
