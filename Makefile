@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test system-packages lint typecheck unit bench proto compile clean-compiled clean
+.PHONY: demo test system-packages lint typecheck unit fuzz bench proto compile clean-compiled clean
 
 $(STAMP): pyproject.toml
 	PYTHON=$(PYTHON) sh tools/system-packages.sh venv
@@ -32,6 +32,13 @@ typecheck: $(STAMP)
 
 unit: $(STAMP)
 	$(BIN)/pytest
+
+# Coverage-guided fuzzing (atheris) of every target in fuzz/targets/, FUZZ_SECONDS each;
+# what it finds is saved under fuzz/.work/ (see fuzz/README.md). `make test` replays every
+# target's seeds and saved corpus (tests/unit/test_fuzz_smoke.py).
+FUZZ_SECONDS ?= 60
+fuzz: $(STAMP)
+	$(BIN)/python -m fuzz.run --seconds $(FUZZ_SECONDS)
 
 # The per-request path (setup.py's HOT_MODULES), compiled with mypyc: C extensions next to
 # the sources, which Python imports before the .py files. About half the CPU per request on
