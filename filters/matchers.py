@@ -73,6 +73,11 @@ def compile_regex(pattern: str, limits: MatchLimits, case_sensitive: bool = True
     """
     if len(pattern) > limits.max_regex_chars:
         raise RegexError(f"regex is longer than {limits.max_regex_chars} characters")
+    if not pattern.isascii():
+        try:
+            pattern.encode()
+        except UnicodeEncodeError:  # re2 takes UTF-8; JSON's "\ud800" gives a lone surrogate
+            raise RegexError("invalid RE2 regex: not valid Unicode (a lone surrogate)") from None
     try:
         compiled = re2.compile(line_pattern(pattern) if lines else pattern, re2_options(case_sensitive, lines))
     except re2.error as exc:

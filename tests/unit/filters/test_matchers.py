@@ -630,6 +630,15 @@ def test_invalid_regex_message_includes_re2_reason() -> None:
     assert "missing )" in problems[0].reason
 
 
+@pytest.mark.parametrize("spec", [{"header": {"name": "x", "regex": "a\ud800"}},
+                                  {"http_filter": {"path_filter": "\udfff"}}])
+def test_a_regex_with_a_lone_surrogate_is_refused(spec: Any) -> None:
+    # JSON's "\ud800" decodes to a lone surrogate, which re2 (UTF-8) cannot take: it raised
+    # UnicodeEncodeError (a 500 from the control plane's API; the controlplane_json fuzz target).
+    problems = refuse(spec)
+    assert len(problems) == 1 and "lone surrogate" in problems[0].reason
+
+
 def test_regex_longer_than_the_limit() -> None:
     limits = MatchLimits(max_regex_chars=10)
     assert parse({"path": {"regex": "a" * 10}}, limits).matches(head(target="a" * 10))
