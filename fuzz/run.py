@@ -36,6 +36,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 FUZZ_DIR = Path(__file__).resolve().parent
 ROOT = FUZZ_DIR.parent
@@ -157,12 +158,19 @@ def fuzz_target(name: str, seconds: int, extra: Sequence[str] = ()) -> FuzzResul
     return result
 
 
+def _instrumented(name: str) -> Any:
+    """Target ``name``'s module, with turnout's packages instrumented for coverage."""
+    import atheris
+
+    with atheris.instrument_imports(include=INSTRUMENTED):
+        return importlib.import_module("fuzz.targets." + name)
+
+
 def _worker(name: str, seconds: int, merge: bool, extra: Sequence[str]) -> None:
     """Child process: instrument turnout, load the target, and run libFuzzer on it."""
     import atheris
 
-    with atheris.instrument_imports(include=INSTRUMENTED):
-        module = importlib.import_module("fuzz.targets." + name)
+    module = _instrumented(name)
     work = _work(name)
     saved = CORPUS_DIR / name
     saved.mkdir(parents=True, exist_ok=True)
@@ -180,7 +188,19 @@ def _worker(name: str, seconds: int, merge: bool, extra: Sequence[str]) -> None:
     else:
         args = [f"-max_total_time={seconds}", f"-artifact_prefix={work}/", str(work / "corpus"), str(seeds),
                 str(saved)]
-    atheris.Setup([sys.argv[0], *LIBFUZZER_OPTIONS, *extra, *args], module.fuzz_one)
+    # A merge runs its work in processes libFuzzer starts through the shell with its own
+    # argv[0] and flags added: that is this worker again (--inner), taking them as given.
+    argv0 = f"{sys.executable} -m fuzz.run --worker {name} --inner"
+    atheris.Setup([argv0, *LIBFUZZER_OPTIONS, *extra, *args], module.fuzz_one)
+    atheris.Fuzz()
+
+
+def _inner(name: str, args: Sequence[str]) -> None:
+    """A process libFuzzer started (see ``_worker``): its arguments go to libFuzzer as they are."""
+    import atheris
+
+    module = _instrumented(name)
+    atheris.Setup([sys.argv[0], *args], module.fuzz_one)
     atheris.Fuzz()
 
 
@@ -256,7 +276,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--merge", action="store_true", help="minimize the saved corpus with libFuzzer -merge=1")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     args, extra = parser.parse_known_args(argv)
+    if args.worker and args.inner:
+        _inner(args.worker, extra)
+        return 0
     unknown = [arg for arg in extra if not re.fullmatch(r"-\w+=.*", arg)]
     if unknown:
         parser.error("unrecognized arguments: " + " ".join(unknown))
