@@ -140,9 +140,9 @@ def _add_spec_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fallback", choices=["baseline", "error"],
                         help="sandbox unreachable: retry on baseline (default) or answer 503")
     parser.add_argument("--upstream-protocol", choices=list(UPSTREAM_PROTOCOLS),
-                        help="how requests reach the sandbox: auto = the client's protocol (default), http1 = "
-                        "HTTP/2 requests translated to HTTP/1.1, http2 = every request over HTTP/2 (gRPC is "
-                        "always HTTP/2)")
+                        help="how requests reach the sandbox: http1 = HTTP/2 requests translated to HTTP/1.1, "
+                        "http2 = every request over HTTP/2, auto = the client's protocol (default: the listener's "
+                        "upstream_protocol, http1 unless it says otherwise; gRPC is always HTTP/2)")
     parser.add_argument("--match", type=_match, metavar="YAML_OR_JSON",
                         help="extra predicate, in the rules file's match language, e.g. "
                         "'{header: {name: x-user, exact: alice}}'; @FILE reads it from a file")
