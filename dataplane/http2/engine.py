@@ -10,8 +10,8 @@ arbitrary frames). Header blocks are coded by turnout's HPACK (``hpack.py``).
 What it does not do, because turnout's connection classes do it (``server.py``,
 ``upstream.py``): count concurrent streams (the server refuses the excess with
 REFUSED_STREAM itself), validate request heads (a malformed request is a stream error
-decided with the routing), and the abuse accounting of HARDENING.md. What it checks
-itself: frame sizes and layout, stream-state rules, both directions' flow-control
+decided with the routing), and the abuse accounting (resets, pings, settings floods;
+see docs/hardening.md). What it checks itself: frame sizes and layout, stream-state rules, both directions' flow-control
 windows, SETTINGS values, the CONTINUATION sequence and its size, header-block coding,
 and, on the client side, response heads and their content-length (stream errors).
 

@@ -1,4 +1,4 @@
-"""HARDENING.md, HTTP/1.1 rows: malformed and ambiguous requests against the real proxy.
+"""HTTP/1.1 bad input (docs/hardening.md): malformed and ambiguous requests against the real proxy.
 
 Every case runs over both codecs (the ``stack`` fixture is parametrized) and checks two
 sides: what the client got (status, a body and ``x-turnout-error`` naming the problem,

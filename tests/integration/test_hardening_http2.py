@@ -1,4 +1,4 @@
-"""HARDENING.md's HTTP/2 rows, with the h2 library (and raw frames) as the abusive client.
+"""HTTP/2 bad input (docs/hardening.md), with the h2 library (and raw frames) as the abusive client.
 
 Every test ends by checking that a second, well-behaved client is served by the same proxy.
 """
