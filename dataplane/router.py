@@ -460,10 +460,7 @@ class Exchange(UpstreamListener):
         """The client went away, reset the request or sent a broken body (``status``, when
         nothing was answered yet: 499 is nginx's "client closed request"): drop the upstream
         side and record it."""
-        upstream = self.upstream
-        self.upstream = None
-        if upstream is not None:
-            upstream.cancel()
+        self._cancel_upstream()
         if self.mirror is not None and not self.request_done:
             self.mirror.cancel()
         if not self.finished:
@@ -532,14 +529,17 @@ class Exchange(UpstreamListener):
             else:
                 upstream.cancel()  # answered before the whole request: the rest is not sent
 
-    def on_upstream_error(self, error: UpstreamError) -> None:
-        """The attempt failed: retry, fall back, answer an error, or cut the client off."""
-        if self.finished:
-            return
+    def _cancel_upstream(self) -> None:
         upstream = self.upstream
         self.upstream = None
         if upstream is not None:
             upstream.cancel()
+
+    def on_upstream_error(self, error: UpstreamError) -> None:
+        """The attempt failed: retry, fall back, answer an error, or cut the client off."""
+        if self.finished:
+            return
+        self._cancel_upstream()
         self._failed(error)
 
     def _responded(self, head: Response) -> None:
@@ -612,10 +612,7 @@ class Exchange(UpstreamListener):
         self._deadline = None
         if self.finished:
             return
-        upstream = self.upstream
-        self.upstream = None
-        if upstream is not None:
-            upstream.cancel()
+        self._cancel_upstream()
         self.router.metrics.upstream_error(self.service, self.route_kind, "grpc_deadline")
         if not self.response_started:
             self._local_reply(UpstreamError(504, "deadline exceeded", "grpc_deadline", SENT), None,
