@@ -601,7 +601,7 @@ def _describe(session: dict[str, Any], revision: int | None = None, group: str |
     width = max(len(name) for name, _ in fields)
     text = "".join(f"{name.ljust(width)}  {value}\n" for name, value in fields)
     rows = [[r["service"], r["destination"], r.get("mode", "steal"), r.get("fallback", "baseline"),
-             r.get("upstream_protocol", "auto"), str(r.get("priority", 0)),
+             r.get("upstream_protocol", "listener"), str(r.get("priority", 0)),
              json.dumps(r["match"], separators=(",", ":")) if "match" in r else "-"]
             for r in session["routes"]]
     return text + "\n" + _table(["SERVICE", "DESTINATION", "MODE", "FALLBACK", "PROTOCOL", "PRIORITY", "MATCH"],
