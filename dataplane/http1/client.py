@@ -30,6 +30,9 @@ if TYPE_CHECKING:
     from filters import Address
 
 _IDLE, _HEAD, _BODY, _TUNNEL, _CLOSED = range(5)
+# Bytes a new connection may receive before its first request is written (an HTTP/2
+# server's SETTINGS frame is a few dozen); more than this and the connection is dropped.
+_EARLY_BYTES_MAX: Final = 1024
 # Methods whose requests mean nothing by a body: no "content-length: 0" when they have none.
 _BODILESS: Final = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS", b"TRACE", b"CONNECT"})
 # Never sent on HTTP/1.1 from an HTTP/2 request: te is hop-by-hop here, cookies are joined.
@@ -39,6 +42,8 @@ _SWITCHED_UNASKED: Final = "upstream switched protocols unasked"
 
 class H1Owner(Protocol):
     """Where a connection reports that it is free for another request, or closed."""
+
+    loop: asyncio.AbstractEventLoop
 
     def release(self, conn: H1Client) -> None:
         """The connection finished a request cleanly and may be reused."""
@@ -61,6 +66,7 @@ class H1Client(UpstreamStream):
         self.reused = False  # carried an earlier request: the peer may have closed it meanwhile
         self.idle_since = 0.0
         self.got_bytes = False  # any byte of the current response
+        self._fresh = True  # no request written yet
         self._phase = _IDLE
         self._buf = b""
         self._decoder: Decoder | None = None
@@ -106,6 +112,12 @@ class H1Client(UpstreamStream):
             self._parse_head()
         elif phase == _TUNNEL:
             self._deliver(data)
+        elif phase == _IDLE and self._fresh and (self._buf or data)[0] == 0 and (
+                len(self._buf) + len(data) <= _EARLY_BYTES_MAX):
+            # Before the first request: an HTTP/2-only server speaks first (its SETTINGS frame,
+            # whose length starts with a zero byte; an HTTP/1.1 answer starts with "H"). Kept,
+            # so the request that follows learns it reached the wrong protocol.
+            self._buf += data
         else:
             self.cancel()  # unsolicited bytes on an idle connection: it is out of step
 
@@ -173,6 +185,8 @@ class H1Client(UpstreamStream):
         self._method = method
         self._websocket = request.websocket
         self._phase = _HEAD
+        early = self._buf if self._fresh else b""
+        self._fresh = False
         self._buf = b""
         self._keep_alive = True
         self.got_bytes = False
@@ -195,6 +209,10 @@ class H1Client(UpstreamStream):
                              framing))
         assert self.transport is not None
         self.transport.write(head)
+        if early:
+            self._buf = early
+            self.got_bytes = True
+            self.owner.loop.call_soon(self._parse_head)  # after the caller holds the stream
         return self
 
     def release(self) -> None:
