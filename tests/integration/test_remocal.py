@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import select
 import signal
@@ -30,6 +31,7 @@ from tests.integration.cp_support import (
     TOKEN,
     ControlPlane,
     eventually,
+    run_cli,
     running_control_plane,
     state_env,
     write_auth,
@@ -64,9 +66,26 @@ class Gateway:
 class Connect:
     """``turnout connect --json`` as a subprocess, and the events it printed."""
 
-    process: subprocess.Popen[str]
+    process: subprocess.Popen[bytes]
     events: list[dict[str, Any]] = field(default_factory=list)
     err_path: Path | None = None
+    _partial: bytes = b""
+
+    def _read(self, timeout_s: float) -> bool:
+        """Read what the process wrote (raw reads: a buffered readline would hide lines from
+        select); False at its end."""
+        stdout = self.process.stdout
+        assert stdout is not None
+        ready, _, _ = select.select([stdout], [], [], timeout_s)
+        if not ready:
+            return True
+        data = os.read(stdout.fileno(), 65536)
+        if not data:
+            return False
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        self.events.extend(json.loads(line) for line in lines if line.strip())
+        return True
 
     def wait_for(self, kind: str, timeout_s: float = 20.0, after: int = 0) -> dict[str, Any]:
         """The first event of ``kind`` (at index ``after`` or later), reading output until it comes."""
@@ -75,29 +94,19 @@ class Connect:
             for event in self.events[after:]:
                 if event.get("event") == kind:
                     return event
-            stdout = self.process.stdout
-            assert stdout is not None
             left = deadline - time.monotonic()
             if left <= 0:
                 raise AssertionError(f"no {kind!r} event in {timeout_s} s; events {self.events}; "
                                      f"stderr {self.stderr()}")
-            ready, _, _ = select.select([stdout], [], [], left)
-            if not ready:
-                continue
-            line = stdout.readline()
-            if not line:
-                if self.process.poll() is None:
-                    continue
+            if not self._read(left) and not any(e.get("event") == kind for e in self.events[after:]):
+                self.process.wait(5)
                 raise AssertionError(f"connect exited ({self.process.returncode}) before {kind!r}; events "
                                      f"{self.events}; stderr {self.stderr()}")
-            self.events.append(json.loads(line))
 
     def drain(self) -> list[dict[str, Any]]:
         """Every event until the process exits (call after stopping it)."""
-        stdout = self.process.stdout
-        assert stdout is not None
-        for line in stdout:
-            self.events.append(json.loads(line))
+        while self._read(10):
+            pass
         return self.events
 
     def stderr(self) -> str:
@@ -142,7 +151,7 @@ class Stack:
         err_path = self.tmp / f"connect-{time.monotonic_ns()}.err"
         with open(err_path, "wb") as err:
             process = subprocess.Popen([sys.executable, "-m", "turnout.cli", "connect", "--json", *args],
-                                       stdout=subprocess.PIPE, stderr=err, text=True, env=env, cwd=ROOT)
+                                       stdout=subprocess.PIPE, stderr=err, env=env, cwd=ROOT)
         return Connect(process, err_path=err_path)
 
     def get(self, key: str | None, path: str = "/", http2: bool = False) -> httpx.Response:
@@ -276,6 +285,21 @@ def test_http1_and_http2_requests_with_the_key_reach_the_local_process(stack: St
         status, body = stack.cp.request("GET", "/v1/sessions/" + session_id, token=ALICE)
         assert status == 200 and body["tunnel"]["gateway"] == "gw-test"
         assert body["tunnel"]["identity"] == "alice"
+        tunnel_id = body["tunnel"]["id"]
+        # Seeing it: session get, status, explain, the gateway's /tunnels and /metrics.
+        got = run_cli(stack.cp, "session", "get", session_id, token=ALICE)
+        assert got.code == 0 and "TUNNEL" in got.out and tunnel_id in got.out and "gw-test" in got.out, got
+        listed = run_cli(stack.cp, "status", token=ALICE)
+        assert listed.code == 0 and session_id in listed.out and tunnel_id in listed.out, listed
+        report = json.loads(stack.proxy.admin_get("/explain?service=users&header=baggage:turnout-session%3Dk-http")[1])
+        assert report["decision"]["tunnel"] == f"{tunnel_id} on gateway gw-test"
+        assert report["decision"]["tunnel_connected"] is True
+        tunnels = httpx.get(stack.gateway.admin_url + "/tunnels", timeout=5).json()["tunnels"]
+        assert [(t["id"], t["session"]) for t in tunnels] == [(tunnel_id, session_id)]
+        assert tunnels[0]["requests"] >= 4
+        metrics = httpx.get(stack.gateway.admin_url + "/metrics", timeout=5).text
+        lines = [line for line in metrics.splitlines() if line.startswith("turnout_gateway_tunnel_requests_total{")]
+        assert len(lines) == 1 and f'tunnel="{tunnel_id}"' in lines[0] and f'session="{session_id}"' in lines[0]
 
 
 def test_grpc_unary_and_server_streaming_over_the_tunnel(stack: Stack) -> None:
