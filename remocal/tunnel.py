@@ -93,6 +93,7 @@ class LinkWatch(asyncio.Protocol):
         self.lost: asyncio.Future[str] = loop.create_future()
         self._reason = ""
         self._timer: asyncio.TimerHandle | None = None
+        self._due = 0.0  # when the next tick should run
 
     def start(self, transport: asyncio.BaseTransport, already: bytes = b"") -> None:
         """Take the transport over (after the upgrade), hand ``already`` read bytes on, start pinging."""
@@ -105,7 +106,7 @@ class LinkWatch(asyncio.Protocol):
             self.data_received(already)
         if tr.is_reading() is False:  # paused during the upgrade
             tr.resume_reading()
-        self._timer = self.loop.call_later(self.ping_interval_s, self._tick)
+        self._arm()
 
     def close(self, reason: str) -> None:
         """Give the link up now (the reason is what ``lost`` reports)."""
@@ -143,19 +144,27 @@ class LinkWatch(asyncio.Protocol):
 
     # ------------------------------------------------------------------ keepalive
 
+    def _arm(self) -> None:
+        self._due = self.loop.time() + self.ping_interval_s
+        self._timer = self.loop.call_at(self._due, self._tick)
+
     def _tick(self) -> None:
         self._timer = None
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        silent_s = self.loop.time() - self.last_rx
-        if silent_s > self.dead_after_s:
+        now = self.loop.time()
+        silent_s = now - self.last_rx
+        # A tick that runs late means this process was not running (a loaded machine, a pause):
+        # what the peer sent meanwhile may be waiting unread, so silence proves nothing yet.
+        stalled = now - self._due > self.ping_interval_s
+        if silent_s > self.dead_after_s and not stalled:
             self.close(f"no frame from the peer for {silent_s * 1000:.0f} ms (dead after "
                        f"{self.dead_after_s * 1000:.0f} ms)")
             return
         self.inner.h2.ping(_PING_DATA)
         self.inner.flush()
-        self._timer = self.loop.call_later(self.ping_interval_s, self._tick)
+        self._arm()
 
 
 # ---------------------------------------------------------------------- the request path at each end
