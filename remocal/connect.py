@@ -25,10 +25,12 @@ import asyncio
 import contextlib
 import json
 import os
+import queue
 import secrets
 import signal
 import ssl
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO
@@ -63,6 +65,8 @@ if TYPE_CHECKING:
     from filters import Address
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+# JSON lines waiting for a slow reader before request events are dropped (others never are).
+MAX_PENDING_EVENTS = 10_000
 DEFAULT_GATEWAY = "127.0.0.1:18090"
 # A link that stayed up this long resets the backoff: the next loss is redialled at once.
 _STABLE_S = 10.0
@@ -125,7 +129,12 @@ class Counts:
 
 
 class Reporter:
-    """What the person or the agent sees: lines, a rewritten counts line on a terminal, or JSON."""
+    """What the person or the agent sees: lines, a rewritten counts line on a terminal, or JSON.
+
+    JSON lines are written by a thread: a reader that falls behind never blocks the event loop
+    (which would stop the tunnel's PINGs). ``request`` events beyond ``MAX_PENDING_EVENTS``
+    waiting lines are dropped and counted (``dropped_request_events`` in the ``exit`` event).
+    """
 
     def __init__(self, out: TextIO, err: TextIO, as_json: bool) -> None:
         self.out = out
@@ -133,15 +142,42 @@ class Reporter:
         self.as_json = as_json
         self.live = not as_json and out.isatty()
         self._live_shown = False
+        self.dropped = 0
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._writer: threading.Thread | None = None
+        if as_json:
+            self._writer = threading.Thread(target=self._write_lines, name="turnout-connect-events", daemon=True)
+            self._writer.start()
 
     def event(self, kind: str, text: str, **fields: Any) -> None:
         """One event: a JSON line, or ``text`` as a line (above the live counts)."""
         if self.as_json:
-            self.out.write(json.dumps({"event": kind, "at": round(time.time(), 3), **fields}) + "\n")
-        else:
-            self._clear()
-            self.out.write(f"turnout connect: {text}\n")
+            if kind == "request" and self._lines.qsize() >= MAX_PENDING_EVENTS:
+                self.dropped += 1
+                return
+            self._lines.put(json.dumps({"event": kind, "at": round(time.time(), 3), **fields}) + "\n")
+            return
+        self._clear()
+        self.out.write(f"turnout connect: {text}\n")
         self.out.flush()
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Write what is waiting (up to ``timeout_s``), then stop the writer."""
+        if self._writer is not None:
+            self._lines.put(None)
+            self._writer.join(timeout_s)
+            self._writer = None
+
+    def _write_lines(self) -> None:
+        while True:
+            line = self._lines.get()
+            if line is None:
+                return
+            try:
+                self.out.write(line)
+                self.out.flush()
+            except (OSError, ValueError):  # the reader went away: nothing more can be shown
+                return
 
     def error(self, text: str, **fields: Any) -> None:
         """A problem: one line on standard error (and an ``error`` event with --json)."""
@@ -658,7 +694,7 @@ async def _connect(args: argparse.Namespace, client: ControlPlaneClient, reporte
     counts = connector.counts
     reporter.event("exit", f"done: {counts.requests} request(s), {counts.errors} error(s)",
                    requests=counts.requests, errors=counts.errors, status=connector.exit_code,
-                   stopped_by=stopped_by[0] if stopped_by else None)
+                   stopped_by=stopped_by[0] if stopped_by else None, dropped_request_events=reporter.dropped)
     return connector.exit_code
 
 
@@ -675,6 +711,13 @@ def _refusal(exc: ApiError) -> str:
 def run_connect(args: argparse.Namespace) -> int:
     """``turnout connect`` to completion."""
     reporter = Reporter(sys.stdout, sys.stderr, args.json)
+    try:
+        return _run_connect(args, reporter)
+    finally:
+        reporter.close()
+
+
+def _run_connect(args: argparse.Namespace, reporter: Reporter) -> int:
     try:
         local = parse_address(args.local)
     except ValueError as exc:
