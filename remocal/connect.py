@@ -584,7 +584,8 @@ class _UpgradeClient(asyncio.Protocol):
         if self.head is not None:
             self._answer()
         else:
-            self._done(ConnectionError("the gateway closed the connection without answering"))
+            self._done(ConnectionError("the gateway closed the connection without answering (if it serves TLS, "
+                                       "add --gateway-tls)"))
 
     def _answer(self) -> None:
         if not self.answer.done() and self.head is not None:

@@ -45,7 +45,7 @@ from tests.integration.test_grpc import SERVICE, GrpcUpstream
 ALICE = "alice-token-0123456789abcdef"
 BOB = "bob-token-0123456789abcdef"
 GATEWAY = "gateway-token-0123456789abcdef"
-READY_RE = re.compile(r"tunnels on tcp ([0-9.]+):(\d+).*admin http://([0-9.]+):(\d+)")
+READY_RE = re.compile(r"tunnels on (?:tcp|tls) ([0-9.]+):(\d+).*admin http://([0-9.]+):(\d+)")
 
 
 @dataclass
@@ -167,8 +167,8 @@ def running_gateway(tmp: Path, cp: ControlPlane, *extra: str) -> Iterator[Gatewa
     token = write_token(tmp, "gateway.token", GATEWAY)
     log_path = tmp / f"gateway-{time.monotonic_ns()}.log"
     args = [sys.executable, "-m", "turnout.cli", "gateway", "--listen", "127.0.0.1:0", "--data-host", "127.0.0.1",
-            "--control-plane", cp.api_url, "--token-file", str(token), "--admin", "127.0.0.1:0", "--id", "gw-test",
-            "--report-interval", "1", *extra]
+            "--control-plane", cp.api_url, "--token-file", str(token), "--admin", "127.0.0.1:0",
+            "--report-interval", "1", *(extra or ("--id", "gw-test"))]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log, text=True, env=state_env(tmp), cwd=ROOT)
     try:
@@ -578,3 +578,69 @@ def test_a_json_reader_that_falls_behind_never_stalls_the_tunnel(stack: Stack) -
     (exit_event,) = [e for e in events if e["event"] == "exit"]
     assert len(requests) + exit_event["dropped_request_events"] == 600
     assert not [e for e in events if e["event"] == "disconnected"], "the tunnel never stalled"
+
+
+def test_the_tunnel_over_tls(stack: Stack) -> None:
+    cert, key = stack.tmp / "gw-cert.pem", stack.tmp / "gw-key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"], check=True, capture_output=True,
+                   timeout=30)
+    with running_gateway(stack.tmp, stack.cp, "--id", "gw-tls", "--tls-cert", str(cert), "--tls-key",
+                         str(key)) as gateway:
+        plain = stack.connect("--service", "users", "--local", stack.local.address, "--key", "k-plain",
+                              "--gateway", gateway.tunnel_address)
+        try:
+            error = plain.wait_for("error")  # cleartext to a TLS port: no answer it can use; it keeps retrying
+            assert "--gateway-tls" in error["message"], error
+            assert plain.process.poll() is None
+        finally:
+            plain.stop()
+        with connected(stack, "--service", "users", "--local", stack.local.address, "--key", "k-tls", "--gateway",
+                       gateway.tunnel_address, "--gateway-tls", "--gateway-ca-file", str(cert)) as (_, event):
+            eventually(lambda: _routed(stack, "k-tls"))
+            _status, body = stack.cp.request("GET", "/v1/sessions/" + event["session"]["id"], token=ALICE)
+            assert body["tunnel"]["gateway"] == "gw-tls"
+            assert _served_by(stack.get("k-tls", "/over-tls")) == "local"
+
+
+def test_a_terminal_gets_the_what_and_live_counts(stack: Stack) -> None:
+    import pty
+
+    master, slave = pty.openpty()
+    env = state_env(stack.tmp)
+    env.update(TURNOUT_CONTROL_PLANE=stack.cp.api_url, TURNOUT_TOKEN=ALICE,
+               TURNOUT_GATEWAY=stack.gateway.tunnel_address)
+    process = subprocess.Popen([sys.executable, "-m", "turnout.cli", "connect", "--service", "users", "--local",
+                                stack.local.address, "--key", "k-tty"], stdout=slave, stderr=subprocess.DEVNULL,
+                               env=env, cwd=ROOT)
+    os.close(slave)
+    seen = b""
+
+    def read_until(text: bytes, timeout_s: float = 20) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + timeout_s
+        while text not in seen:
+            assert time.monotonic() < deadline, seen.decode(errors="replace")
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                try:
+                    seen += os.read(master, 65536)
+                except OSError:  # EIO: the terminal's other end closed
+                    return
+
+    try:
+        read_until(b"curl -H 'baggage: turnout-session=k-tty'")  # the hint follows the 'tunnel up' line
+        assert b"created session" in seen and b"tunnel up" in seen
+        eventually(lambda: _routed(stack, "k-tty"))
+        read_until(b"errors 0  last 200")
+        process.send_signal(signal.SIGINT)
+        read_until(b"done:")
+        assert process.wait(15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(5)
+        os.close(master)
+    assert re.search(rb"\r\x1b\[K\[connected\] requests [1-9]\d*  errors 0  last 200", seen), seen
+    assert b"deleted session" in seen
