@@ -242,7 +242,10 @@ class Policy:
                 fnmatch.fnmatchcase(service, p) for p in rules.allowed_services):
             raise PolicyRefused("allowed_services", f"service {service!r} may not be forked under {rules.whose()}; "
                                 f"allowed services: {', '.join(rules.allowed_services)}")
-        if rules.allowed_destinations is not None and not rules.allowed_destinations.allows(route.destination):
+        # A tunnel route's sandbox is the owner's own machine, reached through a gateway: no
+        # cluster address to check (only the owner can attach it, see controlplane/tunnels.py).
+        if rules.allowed_destinations is not None and route.destination is not None \
+                and not rules.allowed_destinations.allows(route.destination):
             raise PolicyRefused(
                 "allowed_destinations",
                 f"destination {route.destination} (service {service!r}) is outside the destinations "

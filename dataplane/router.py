@@ -332,15 +332,24 @@ class Exchange(UpstreamListener):
         router = self.router
         if self.route_kind == "mirror":
             decision = self.decision
-            assert decision.destination is not None and decision.session_id is not None
-            self.mirror = router.mirrors.start(decision.destination, decision.session_id, request, self.fields,
-                                               self.extra, self.rt.limits,
-                                               self._over_http2(decision.upstream_protocol), self.request_done)
+            assert decision.session_id is not None
+            if decision.destination is None:
+                router.metrics.mirror_dropped("tunnel_disconnected")  # no local process to copy to
+            else:
+                self.mirror = router.mirrors.start(decision.destination, decision.session_id, request, self.fields,
+                                                   self.extra, self.rt.limits,
+                                                   self._over_http2(decision.upstream_protocol), self.request_done)
         if request.grpc_timeout:
             seconds = parse_grpc_timeout(request.grpc_timeout)
             if seconds is not None:
                 self._deadline = router.loop.call_later(seconds, self.deadline_exceeded)
         if self.route_kind == "sandbox":
+            if self.decision.destination is None:
+                # A tunnel route with no local process attached: its fallback applies at once.
+                session = str(self.decision.session_id)
+                self._failed(UpstreamError(503, "session " + session + ": local process disconnected (no tunnel "
+                                           "attached)", "tunnel_disconnected", NOT_CONNECTED), False)
+                return
             destination = self.destination
             if router.upstreams.outliers.ejected((destination.host, destination.port), router.loop.time()):
                 # Skipped while ejected: its fallback applies at once.

@@ -10,7 +10,8 @@ A session is one isolated test context. Its JSON/YAML form::
     priority: 0                  # optional default for its routes
     routes:
       - service: users
-        destination: 10.0.0.5:8080
+        destination: 10.0.0.5:8080   # or "tunnel": the local process of whoever holds the
+                                     # session's tunnel (``turnout connect``; docs/remocal.md)
         mode: steal              # steal | mirror
         fallback: baseline       # baseline | error
         upstream_protocol: http2 # http1 | http2 | auto; absent: the listener's
@@ -53,7 +54,12 @@ _HOST_RE = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\.?")
 _LABEL_KEY_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?")
 
 SESSION_FIELDS = frozenset({"id", "key", "owner", "labels", "expires_at", "ttl_s", "created_at", "priority", "routes"})
-ROUTE_FIELDS = frozenset({"service", "destination", "mode", "fallback", "match", "priority", "upstream_protocol"})
+ROUTE_FIELDS = frozenset({"service", "destination", "mode", "fallback", "match", "priority", "upstream_protocol",
+                          "tunnel"})
+# ``destination: tunnel``: the route's sandbox is a local process behind a tunnel. The control
+# plane pushes it with the address of the gateway holding the tunnel (and ``tunnel`` naming
+# it), or, while no tunnel is attached, as ``tunnel`` itself: the route's fallback applies.
+TUNNEL = "tunnel"
 _PRIORITY_RANGE = (-1_000_000, 1_000_000)
 
 
@@ -113,27 +119,40 @@ def parse_address(text: Any) -> Address:
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """Where one session sends one service's requests."""
+    """Where one session sends one service's requests.
+
+    ``destination`` None: a tunnel route with no tunnel attached (``destination: tunnel``);
+    ``tunnel`` names the tunnel a resolved tunnel route goes through (its gateway), for
+    ``explain`` and status.
+    """
 
     service: str
-    destination: Address
+    destination: Address | None
     mode: str = "steal"
     fallback: str = "baseline"
     match: Matcher | None = None
     priority: int = 0
     upstream_protocol: str = ""  # "": the listener's; else one of UPSTREAM_PROTOCOLS
+    tunnel: str = ""
+
+    @property
+    def is_tunnel(self) -> bool:
+        """Whether the sandbox is a local process behind a tunnel (attached or not)."""
+        return self.destination is None or bool(self.tunnel)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form, as accepted by ``parse_session``."""
         out: dict[str, Any] = {
             "service": self.service,
-            "destination": str(self.destination),
+            "destination": TUNNEL if self.destination is None else str(self.destination),
             "mode": self.mode,
             "fallback": self.fallback,
             "priority": self.priority,
         }
         if self.upstream_protocol:
             out["upstream_protocol"] = self.upstream_protocol
+        if self.tunnel:
+            out["tunnel"] = self.tunnel
         if self.match is not None:
             out["match"] = self.match.to_spec()
         return out
@@ -335,10 +354,16 @@ def _parse_route(
     if not isinstance(service, str) or not _SERVICE_RE.fullmatch(service):
         fail(where + ".service", "must be a service name (letters, digits, '.', '_', '-', optional :port)")
     destination = None
-    try:
-        destination = parse_address(spec.get("destination"))
-    except ValueError as exc:
-        fail(where + ".destination", str(exc))
+    tunnel_route = spec.get("destination") == TUNNEL
+    if not tunnel_route:
+        try:
+            destination = parse_address(spec.get("destination"))
+        except ValueError as exc:
+            fail(where + ".destination", f"{exc} (or 'tunnel': a local process, see turnout connect)")
+    tunnel = spec.get("tunnel", "")
+    if not isinstance(tunnel, str) or len(tunnel) > 256 or not tunnel.isprintable():
+        fail(where + ".tunnel", "must be printable text of at most 256 characters")
+        tunnel = ""
     mode = spec.get("mode", "steal")
     if mode not in MODES:
         fail(where + ".mode", "must be one of: " + ", ".join(MODES))
@@ -355,10 +380,10 @@ def _parse_route(
             spec["match"], where + ".match", problems, limits.match,
             (limits.baggage_max_members, limits.baggage_max_bytes),
         )
-    if len(problems) != before or destination is None:
+    if len(problems) != before or (destination is None and not tunnel_route):
         return None
     assert isinstance(service, str)
-    return Route(service, destination, mode, fallback, match, priority, upstream_protocol)
+    return Route(service, destination, mode, fallback, match, priority, upstream_protocol, tunnel)
 
 
 def _parse_priority(value: Any, where: str, fail: Any) -> int:

@@ -653,3 +653,22 @@ def test_sessions_compare_by_identity() -> None:
     assert isinstance(a, Session)
     assert a != b
     assert a == a  # noqa: PLR0124
+
+
+def test_a_tunnel_destination_parses_and_round_trips() -> None:
+    session = parse_session({"id": "t", "key": "k", "routes": [{"service": "users", "destination": "tunnel"}]})
+    route = session.routes[0]
+    assert route.destination is None and route.is_tunnel and route.tunnel == ""
+    assert route.to_dict()["destination"] == "tunnel" and "tunnel" not in route.to_dict()
+    resolved = parse_session({"id": "t", "key": "k", "routes": [
+        {"service": "users", "destination": "10.0.0.7:4000", "tunnel": "t-1 on gateway gw"}]})
+    assert resolved.routes[0].is_tunnel and str(resolved.routes[0].destination) == "10.0.0.7:4000"
+    assert parse_session(resolved.to_dict()).routes[0].tunnel == "t-1 on gateway gw"
+    assert not parse_session({"id": "p", "key": "k", "routes": [
+        {"service": "users", "destination": "10.0.0.7:4000"}]}).routes[0].is_tunnel
+
+
+def test_a_bad_destination_mentions_tunnel() -> None:
+    with pytest.raises(ValidationError) as caught:
+        parse_session({"id": "t", "key": "k", "routes": [{"service": "users", "destination": "tunel"}]})
+    assert "'tunnel'" in caught.value.problems[0].reason
