@@ -141,7 +141,8 @@ class TunnelHandle:
     def to_dict(self) -> dict[str, Any]:
         """JSON for /tunnels."""
         return {"id": self.id, "session": self.session_id, "machine": self.peer, "address": str(self.address),
-                "connected_at": self.connected_at, **self.stats()}
+                "connected_at": self.connected_at, "outgoing_calls": self.outgoing_calls,
+                "outgoing_refused": self.outgoing_refused, **self.stats()}
 
 
 class Gateway:

@@ -644,3 +644,48 @@ def test_a_terminal_gets_the_what_and_live_counts(stack: Stack) -> None:
         os.close(master)
     assert re.search(rb"\r\x1b\[K\[connected\] requests [1-9]\d*  errors 0  last 200", seen), seen
     assert b"deleted session" in seen
+
+
+GRPC_PROGRAM = """
+import json, sys, time
+import grpc
+out, target = sys.argv[1], sys.argv[2]
+deadline = time.monotonic() + 30
+while True:  # grpc_proxy is connect's local proxy; the tunnel may still be coming up
+    try:
+        with grpc.insecure_channel(target) as channel:
+            unary = channel.unary_unary("/test.Echo/Unary")
+            reply = unary(b"hi", metadata=(("baggage", "turnout-session=k-grpc-out"),), timeout=5)
+        break
+    except grpc.RpcError as exc:
+        if time.monotonic() > deadline:
+            reply = repr(exc).encode()
+            break
+        time.sleep(0.2)
+open(out, "w").write(json.dumps({"reply": reply.decode()}))
+time.sleep(float(sys.argv[3]))  # time for the test to look at the gateway while the tunnel is up
+"""
+
+
+def test_a_grpc_client_calls_through_grpc_proxy(stack: Stack) -> None:
+    status, body = stack.cp.request("POST", "/v1/sessions", {"id": "s-grpc-out", "key": "k-grpc-out", "routes": [
+        {"service": "users", "destination": "tunnel"},
+        {"service": "echo", "destination": stack.grpc_local.address}]}, token=ALICE)
+    assert status == 201, body
+    script, out = stack.tmp / "grpc_program.py", stack.tmp / "grpc_program.json"
+    script.write_text(GRPC_PROGRAM)
+    env_keep = os.environ.get("NO_PROXY")
+    os.environ["NO_PROXY"] = os.environ["no_proxy"] = ""  # on loopback the "cluster" is 127.0.0.1 too
+    try:
+        with connected(stack, "--service", "users", "--local", stack.local.address, "--session", "s-grpc-out", "--",
+                       sys.executable, str(script), str(out), f"127.0.0.1:{stack.echo_port}", "30") as (_connect, _):
+            eventually(out.exists, timeout_s=40)
+            tunnels = httpx.get(stack.gateway.admin_url + "/tunnels", timeout=5).json()["tunnels"]
+    finally:
+        for name in ("NO_PROXY", "no_proxy"):
+            os.environ.pop(name, None)
+        if env_keep is not None:
+            os.environ["NO_PROXY"] = env_keep
+        stack.cp.request("DELETE", "/v1/sessions/s-grpc-out", token=ALICE)
+    assert json.loads(out.read_text()) == {"reply": "local:hi"}, "routed inside the session, to its echo sandbox"
+    assert any(t["session"] == "s-grpc-out" and t["outgoing_calls"] >= 1 for t in tunnels), tunnels
