@@ -285,7 +285,7 @@ def test_node_mode_is_local_to_each_node() -> None:
 @pytest.mark.parametrize("name", ["base/control-plane", "overlays/staging"])
 def test_control_plane_runs_one_writer_with_its_policy_and_tokens(name: str) -> None:
     docs = build(name)
-    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "turnout-control-plane"]
     assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
     spec = deployment["spec"]["template"]["spec"]
     (container,) = spec["containers"]
