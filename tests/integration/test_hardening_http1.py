@@ -291,9 +291,9 @@ def test_duplicate_identical_content_lengths_are_refused_by_both_codecs(stack: S
 
 
 @pytest.mark.parametrize("value", [
-    b"+1", b"-1", b"0x1", b"1_0", b"1 0", b"9" * 25, b"1.0", b"1e3", b"", b"\xd9\xa1",
-], ids=["plus", "minus", "hex", "underscore", "inner-space", "25-digits", "decimal", "exponent", "empty",
-        "arabic-digit"])
+    b"+1", b"-1", b"0x1", b"1_0", b"1 0", b"9" * 25, b"1" * 4301, b"1.0", b"1e3", b"", b"\xd9\xa1",
+], ids=["plus", "minus", "hex", "underscore", "inner-space", "25-digits", "4301-digits", "decimal", "exponent",
+        "empty", "arabic-digit"])
 def test_invalid_content_length_is_refused(stack: Stack, value: bytes) -> None:
     request = (b"POST /cl HTTP/1.1\r\nHost: a\r\nContent-Length: " + value + b"\r\n\r\n"
                b"AGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n")
@@ -352,9 +352,11 @@ def _chunked(body: bytes, tail: bytes = b"GET /smuggled HTTP/1.1\r\nHost: a\r\n\
     b"1;" + b"e" * 5000 + b"\r\nA\r\n0\r\n\r\n",
     b"1\r\nA\r\n0\r\nX-Folded: a\r\n b\r\n\r\n",
     b"1\r\nA\r\n0\r\nX-Bad\x01: a\r\n\r\n",
+    b"0" * 4000 + b"1\r\nA\r\n0\r\n\r\n",
+    b"1" * 4301 + b"\r\nA\r\n0\r\n\r\n",
 ], ids=["hex-prefix", "trailing-space", "leading-space", "minus", "plus", "20-hex-digits", "lf-only",
         "lf-only-last-chunk", "empty-size-line", "ext-bare-lf", "ext-quoted-lf", "ext-space", "nul",
-        "size-line-too-long", "trailer-obs-fold", "trailer-control-char"])
+        "size-line-too-long", "trailer-obs-fold", "trailer-control-char", "4000-leading-zeros", "4301-digits"])
 def test_invalid_chunked_body_is_refused(stack: Stack, body: bytes) -> None:
     watch = Watch(stack)
     assert_rejected(send(stack.port, _chunked(body)), 400, r"chunk|trailer")
