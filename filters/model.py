@@ -24,7 +24,6 @@ when there is any: a rule set is applied entirely or not at all.
 from __future__ import annotations
 
 import ipaddress
-import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -55,6 +54,9 @@ _LABEL_KEY_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?")
 SESSION_FIELDS = frozenset({"id", "key", "owner", "labels", "expires_at", "ttl_s", "created_at", "priority", "routes"})
 ROUTE_FIELDS = frozenset({"service", "destination", "mode", "fallback", "match", "priority", "upstream_protocol"})
 _PRIORITY_RANGE = (-1_000_000, 1_000_000)
+# The last second an RFC 3339 time can name (9999-12-31T23:59:59Z): later times, and
+# lifetimes reaching past it, are refused rather than overflowing a float or a date.
+MAX_UNIX_S = 253_402_300_799
 
 
 @dataclass(frozen=True)
@@ -281,8 +283,8 @@ def _parse_session(
         ttl = spec["ttl_s"]
         if now is None:
             fail(where + ".ttl_s", "cannot be resolved here; give expires_at")
-        elif isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl < math.inf:
-            fail(where + ".ttl_s", "must be a positive number of seconds")
+        elif isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl <= MAX_UNIX_S - now:
+            fail(where + ".ttl_s", "must be a positive number of seconds, ending before the year 10000")
         else:
             expires_at = now + ttl
     default_priority = _parse_priority(spec.get("priority", 0), where + ".priority", fail)
@@ -381,8 +383,8 @@ def _parse_time(value: Any, where: str, fail: Any) -> float | None:
             fail(where, "an RFC 3339 time needs a zone offset, e.g. 'Z'")
             return None
         return parsed.timestamp()
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-        fail(where, "must be unix seconds or an RFC 3339 time")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_UNIX_S:
+        fail(where, "must be unix seconds or an RFC 3339 time, before the year 10000")
         return None
     return float(value)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import cast
 
 import pytest
@@ -22,7 +23,7 @@ def _sniff(loop: VirtualLoop, pieces: list[bytes]) -> tuple[str, bytes]:
     transport.protocol = sniffer
     sniffer.connection_made(cast(asyncio.Transport, transport))
     for piece in pieces:
-        loop.inside(lambda piece=piece: transport.protocol.data_received(piece))  # HTTP/2 wants a running loop
+        loop.inside(functools.partial(transport.protocol.data_received, piece))  # HTTP/2 wants a running loop
     kind = {Sniffer: "undecided", H1Server: "http1", H2Connection: "http2"}[type(transport.protocol)]
     return kind, transport.data
 

@@ -144,9 +144,20 @@ def test_ttl_without_now_is_refused() -> None:
     assert "expires_at" in problems[0].reason
 
 
-@pytest.mark.parametrize("ttl", [0, -5, True, "60", float("inf"), float("nan"), None])
+@pytest.mark.parametrize("ttl", [0, -5, True, "60", float("inf"), float("nan"), None, 1e300, 10**99, 10**400],
+                         ids=["zero", "negative", "bool", "string", "inf", "nan", "none", "1e300", "100-digits",
+                              "401-digits"])
 def test_bad_ttl(ttl: Any) -> None:
+    # 10**400 converts to no float: adding it to the clock once raised OverflowError.
     assert fields(refused(session(ttl_s=ttl), now=NOW)) == ["session.ttl_s"]
+
+
+@pytest.mark.parametrize("when", [10**400, 10**99, 1e300, 253_402_300_800],
+                         ids=["401-digits", "100-digits", "1e300", "year-10000"])
+def test_times_past_the_year_9999_are_refused(when: Any) -> None:
+    # Past what an RFC 3339 time can name; 10**400 once raised OverflowError in float().
+    assert fields(refused(session(expires_at=when))) == ["session.expires_at"]
+    assert parse_session(session(expires_at=253_402_300_799)).expires_at == 253_402_300_799.0
 
 
 def test_expires_at_unix_seconds() -> None:
