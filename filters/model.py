@@ -108,8 +108,10 @@ def parse_address(text: Any) -> Address:
             raise ValueError(f"{text!r}: write IPv6 addresses as '[addr]:port'")
         if not _HOST_RE.fullmatch(host):
             raise ValueError(f"{host!r} is not a valid host name or IPv4 address")
-    if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
-        raise ValueError(f"port {port_text!r} is not a number from 1 to 65535")
+    # At most 5 digits before int(): it refuses more than 4,300 with a message of its own.
+    if not (port_text.isascii() and port_text.isdigit() and len(port_text) <= 5) or not 0 < int(port_text) < 65536:
+        shown = port_text if len(port_text) <= 20 else port_text[:20] + "..."
+        raise ValueError(f"port {shown!r} is not a number from 1 to 65535")
     return Address(host, int(port_text))
 
 

@@ -330,6 +330,14 @@ def test_good_address(text: str, host: str, port: int) -> None:
     assert parse_session(session(routes=[route(destination=text)])).routes[0].destination == address
 
 
+def test_a_port_too_long_to_convert_is_refused_with_a_short_reason() -> None:
+    # 5,000 digits: int() would refuse them with a message about sys.set_int_max_str_digits.
+    with pytest.raises(ValueError, match=r"^port '1{20}\.\.\.' is not a number from 1 to 65535$"):
+        parse_address("10.0.0.1:" + "1" * 5000)
+    assert fields(refused(session(routes=[route(destination="10.0.0.1:" + "1" * 5000)]))) == [
+        "session.routes[0].destination"]
+
+
 def test_parse_address_raises_value_error_with_reason() -> None:
     with pytest.raises(ValueError, match="1 to 65535"):
         parse_address("host:0")
