@@ -60,10 +60,13 @@ from controlplane.policy import Policy
 from controlplane.store import SessionStore, StoredSession
 from controlplane.tunnels import DEFAULT_REPORT_INTERVAL_S, TunnelRegistry
 from filters import Problem, Session, ValidationError, parse_address, parse_session
+from filters.documents import load_json
+from filters.model import MAX_UNIX_S
 
 _EXTEND_FIELDS = frozenset({"ttl_s", "expires_at"})
 _CHANGES = frozenset({"POST", "PUT", "DELETE"})
-_NUMBER_RE = re.compile(r"\d+(?:\.\d+)?")
+# Unix seconds, bounded before float(): a longer run of digits is no time (12 digits reach past 9999).
+_NUMBER_RE = re.compile(r"\d{1,12}(?:\.\d{1,9})?")
 # Audit entries per request of GET /v1/audit: a page a terminal can show, bounded work per call.
 MAX_AUDIT_PAGE = 1000
 _DEFAULT_AUDIT_PAGE = 100
@@ -266,7 +269,7 @@ class ApiService:
 
     def _create(self, request: Request, identity: Identity) -> Reply:
         self._rate_limit(identity)
-        spec = self._json_object(request.body)
+        spec = self._json_object(request.body, "session")
         group = self._check_group(identity, spec.pop("group", None))
         now = self._clock()
         problems = []
@@ -291,7 +294,7 @@ class ApiService:
         self._rate_limit(identity)
         old = self._existing(session_id)
         self._may_change(identity, old)
-        spec = self._json_object(request.body)
+        spec = self._json_object(request.body, "session")
         group = self._check_group(identity, spec.pop("group")) if "group" in spec else old.group
         now = self._clock()
         problems = []
@@ -478,7 +481,8 @@ class ApiService:
         limit = _DEFAULT_AUDIT_PAGE
         if request.query.get("limit"):
             text = request.query["limit"][-1]
-            if not text.isdigit() or not 1 <= int(text) <= MAX_AUDIT_PAGE:
+            # ASCII digits, and few: int() takes other scripts' digits and refuses 4,301 of them.
+            if not (text.isascii() and text.isdigit() and len(text) <= 9) or not 1 <= int(text) <= MAX_AUDIT_PAGE:
                 raise ValidationError([Problem("limit", f"must be a whole number from 1 to {MAX_AUDIT_PAGE}")])
             limit = int(text)
         # Admins read everything; others what they did and what was done to their sessions.
@@ -486,10 +490,11 @@ class ApiService:
         entries = self._audit.entries(since, session, party, limit)
         return json_reply(200, {"entries": [e.to_dict() for e in entries], "all": party is None})
 
-    def _json_object(self, body: bytes) -> dict[str, Any]:
+    def _json_object(self, body: bytes, root: str = "") -> dict[str, Any]:
+        """The body as a JSON object; ``root`` prefixes the path naming an over-long number."""
         max_depth = self._limits.max_json_depth
         try:
-            data = json.loads(body)
+            data = load_json(body, root)  # an over-long number: ValidationError naming where it is
         except RecursionError:
             raise ValidationError([Problem("body", f"nests deeper than {max_depth} levels")]) from None
         except (ValueError, UnicodeDecodeError) as exc:
@@ -560,8 +565,9 @@ def _parse_time(value: Any, field: str) -> float:
         if parsed is None or parsed.tzinfo is None:
             raise ValidationError([Problem(field, "must be unix seconds or an RFC 3339 time with a zone")])
         return parsed.timestamp()
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValidationError([Problem(field, "must be unix seconds or an RFC 3339 time with a zone")])
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not -MAX_UNIX_S <= value <= MAX_UNIX_S:
+        raise ValidationError([Problem(field, "must be unix seconds or an RFC 3339 time with a zone, before the "
+                                              "year 10000")])
     return float(value)
 
 
@@ -574,8 +580,9 @@ def _parse_extend(body: dict[str, Any], now: float) -> float:
         raise ValidationError([Problem("body", "give exactly one of ttl_s (seconds from now) or expires_at")])
     if "ttl_s" in body:
         ttl_s = body["ttl_s"]
-        if isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float)) or not 0 < ttl_s < math.inf:
-            raise ValidationError([Problem("ttl_s", "must be a positive number of seconds")])
+        if isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float)) or not 0 < ttl_s <= MAX_UNIX_S - now:
+            raise ValidationError([Problem("ttl_s", "must be a positive number of seconds, ending before the year "
+                                                    "10000")])
         return now + ttl_s
     expires_at = _parse_time(body["expires_at"], "expires_at")
     if expires_at <= now:

@@ -36,6 +36,7 @@ from controlplane.identity import Roles, name_problem
 from controlplane.jwks import DEFAULT_ALGORITHMS, IssuerConfig, check_jwks_url
 from controlplane.limits import Limits, parse_limits
 from filters import Problem, ValidationError
+from filters.documents import load_yaml
 
 _FIELDS = ("admin_groups", "proxy_groups", "gateway_groups", "tokens_file", "issuers", "groups", "limits")
 _ISSUER_FIELDS = ("issuer", "audiences", "jwks_file", "jwks_url", "jwks_ca_file", "jwks_token_file",
@@ -61,7 +62,7 @@ def load_auth_config(path: str | Path) -> AuthConfig:
     except (OSError, UnicodeDecodeError) as exc:
         raise ValidationError([Problem(str(path), f"cannot read the auth file: {exc}")]) from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)  # ValidationError naming a number too long to convert
     except yaml.YAMLError as exc:
         raise ValidationError([Problem(str(path), f"invalid YAML: {exc}")]) from None
     return parse_auth_config({} if data is None else data, Path(path).resolve().parent)

@@ -31,7 +31,8 @@ from controlplane.auth import local_token_path, read_token
 from controlplane.client import ApiError, ControlPlaneClient, Unreachable
 from controlplane.durations import format_duration, parse_duration
 from controlplane.errors import StartupError
-from filters import UPSTREAM_PROTOCOLS
+from filters import UPSTREAM_PROTOCOLS, ValidationError
+from filters.documents import load_yaml
 
 DEFAULT_CONTROL_PLANE = "http://127.0.0.1:18080"
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_UNCONFIRMED = 0, 1, 2, 3, 4
@@ -234,9 +235,11 @@ def _match(text: str) -> dict[str, Any]:
         except OSError as exc:
             raise argparse.ArgumentTypeError(f"cannot read {text[1:]}: {exc.strerror}") from None
     try:
-        value = yaml.safe_load(text)  # JSON is YAML
+        value = load_yaml(text)  # JSON is YAML
     except yaml.YAMLError as exc:
         raise argparse.ArgumentTypeError(f"not YAML or JSON: {exc}") from None
+    except ValidationError as exc:  # a number too long to convert
+        raise argparse.ArgumentTypeError(str(exc)) from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError("must be a match mapping, e.g. '{header: {name: x-user, exact: alice}}'")
     return value

@@ -54,6 +54,7 @@ from controlplane.errors import Conflict, PolicyRefused
 from controlplane.identity import name_problem
 from controlplane.overlap import disjoint, unfiltered
 from filters import Address, MatchLimits, Problem, Route, RuleLimits, Session, ValidationError
+from filters.documents import load_yaml
 
 _DEFAULT_TTL_S = 7200.0  # two hours: a working session; extend for longer
 _RULE_DEFAULTS = RuleLimits()
@@ -321,7 +322,7 @@ def load_policy(path: str | Path) -> Policy:
     except OSError as exc:
         raise ValidationError([Problem(str(path), f"cannot read the policy file: {exc.strerror}")]) from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)  # ValidationError naming a number too long to convert
     except yaml.YAMLError as exc:
         raise ValidationError([Problem(str(path), f"invalid YAML: {exc}")]) from None
     return parse_policy({} if data is None else data)

@@ -105,7 +105,7 @@ def split_address(text: str, flag: str) -> tuple[str, int]:
     """``host:port`` (``[v6]:port`` for IPv6) of a listen flag; port 0 picks a free one."""
     host, sep, port = text.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
+    if not sep or not host or not (port.isascii() and port.isdigit() and len(port) <= 5) or int(port) > 65535:
         raise StartupError(f"{flag} {text!r}: expected host:port, e.g. 127.0.0.1:18080")
     return host, int(port)
 

@@ -33,6 +33,7 @@ import yaml
 
 from controlplane.identity import Identity, name_problem
 from filters import Problem, ValidationError
+from filters.documents import load_yaml
 
 _DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 _ENTRY_FIELDS = frozenset({"identity", "groups", "sha256", "node_ids"})
@@ -53,7 +54,7 @@ def load_tokens(path: str | Path) -> dict[str, Identity]:
     except (OSError, UnicodeDecodeError) as exc:
         raise ValidationError([Problem(str(path), f"cannot read the tokens file: {exc}")]) from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)  # ValidationError naming a number too long to convert
     except yaml.YAMLError as exc:
         raise ValidationError([Problem(str(path), f"invalid YAML: {exc}")]) from None
     return parse_tokens(data, f"tokens file {path}")

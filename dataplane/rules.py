@@ -17,6 +17,7 @@ from filters import (
     Snapshot,
     ValidationError,
     compile_snapshot,
+    documents,
     parse_key_config,
     parse_sessions,
 )
@@ -41,9 +42,11 @@ def load_yaml(path: str | Path) -> Mapping[str, Any]:
 def parse_yaml(text: str, origin: str) -> Mapping[str, Any]:
     """Parse YAML text that must hold a mapping."""
     try:
-        data = yaml.safe_load(text)
+        data = documents.load_yaml(text)
     except yaml.YAMLError as exc:
         raise ConfigError([Problem(origin, f"invalid YAML: {exc}")]) from None
+    except ValidationError as exc:  # a number too long to convert
+        raise ConfigError(exc.problems) from None
     if data is None:
         return {}
     if not isinstance(data, Mapping):

@@ -25,7 +25,6 @@ when there is any: a rule set is applied entirely or not at all.
 from __future__ import annotations
 
 import ipaddress
-import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -61,6 +60,9 @@ ROUTE_FIELDS = frozenset({"service", "destination", "mode", "fallback", "match",
 # it), or, while no tunnel is attached, as ``tunnel`` itself: the route's fallback applies.
 TUNNEL = "tunnel"
 _PRIORITY_RANGE = (-1_000_000, 1_000_000)
+# The last second an RFC 3339 time can name (9999-12-31T23:59:59Z): later times, and
+# lifetimes reaching past it, are refused rather than overflowing a float or a date.
+MAX_UNIX_S = 253_402_300_799
 
 
 @dataclass(frozen=True)
@@ -112,8 +114,10 @@ def parse_address(text: Any) -> Address:
             raise ValueError(f"{text!r}: write IPv6 addresses as '[addr]:port'")
         if not _HOST_RE.fullmatch(host):
             raise ValueError(f"{host!r} is not a valid host name or IPv4 address")
-    if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
-        raise ValueError(f"port {port_text!r} is not a number from 1 to 65535")
+    # At most 5 digits before int(): it refuses more than 4,300 with a message of its own.
+    if not (port_text.isascii() and port_text.isdigit() and len(port_text) <= 5) or not 0 < int(port_text) < 65536:
+        shown = port_text if len(port_text) <= 20 else port_text[:20] + "..."
+        raise ValueError(f"port {shown!r} is not a number from 1 to 65535")
     return Address(host, int(port_text))
 
 
@@ -300,8 +304,8 @@ def _parse_session(
         ttl = spec["ttl_s"]
         if now is None:
             fail(where + ".ttl_s", "cannot be resolved here; give expires_at")
-        elif isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl < math.inf:
-            fail(where + ".ttl_s", "must be a positive number of seconds")
+        elif isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl <= MAX_UNIX_S - now:
+            fail(where + ".ttl_s", "must be a positive number of seconds, ending before the year 10000")
         else:
             expires_at = now + ttl
     default_priority = _parse_priority(spec.get("priority", 0), where + ".priority", fail)
@@ -406,8 +410,8 @@ def _parse_time(value: Any, where: str, fail: Any) -> float | None:
             fail(where, "an RFC 3339 time needs a zone offset, e.g. 'Z'")
             return None
         return parsed.timestamp()
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-        fail(where, "must be unix seconds or an RFC 3339 time")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_UNIX_S:
+        fail(where, "must be unix seconds or an RFC 3339 time, before the year 10000")
         return None
     return float(value)
 

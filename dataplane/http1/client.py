@@ -68,7 +68,10 @@ class H1Client(UpstreamStream):
         self.got_bytes = False  # any byte of the current response
         self._fresh = True  # no request written yet
         self._phase = _IDLE
-        self._buf = b""
+        # A response head not complete yet: appended to in place, so a head arriving in many
+        # small reads costs time linear in its length.
+        self._buf = bytearray()
+        self._scanned = 0  # how much of _buf find_head_end has examined already
         self._decoder: Decoder | None = None
         self._method = b"GET"
         self._websocket = False
@@ -108,8 +111,11 @@ class H1Client(UpstreamStream):
             return
         if phase == _HEAD:
             self.got_bytes = True
-            self._buf = self._buf + data if self._buf else data
-            self._parse_head()
+            if self._buf:
+                self._buf += data
+                self._parse_head(self._buf)
+            else:
+                self._parse_head(data)  # the usual case: the whole head in one read, never copied
         elif phase == _TUNNEL:
             self._deliver(data)
         elif phase == _IDLE and self._fresh and (self._buf or data)[0] == 0 and (
@@ -185,9 +191,11 @@ class H1Client(UpstreamStream):
         self._method = method
         self._websocket = request.websocket
         self._phase = _HEAD
-        early = self._buf if self._fresh else b""
+        early = bytes(self._buf) if self._fresh else b""
         self._fresh = False
-        self._buf = b""
+        if self._buf:
+            self._buf = bytearray()
+        self._scanned = 0
         self._keep_alive = True
         self.got_bytes = False
         self._unacked = 0
@@ -210,9 +218,9 @@ class H1Client(UpstreamStream):
         assert self.transport is not None
         self.transport.write(head)
         if early:
-            self._buf = early
+            self._buf += early
             self.got_bytes = True
-            self.owner.loop.call_soon(self._parse_head)  # after the caller holds the stream
+            self.owner.loop.call_soon(self._parse_head, self._buf)  # after the caller holds the stream
         return self
 
     def release(self) -> None:
@@ -281,18 +289,21 @@ class H1Client(UpstreamStream):
 
     # ------------------------------------------------------------------ response parsing
 
-    def _parse_head(self) -> None:
+    def _parse_head(self, buf: bytes | bytearray) -> None:
+        """Read the response heads at the start of ``buf``: the bytes just received, or ``_buf``."""
         limits = self.limits
         while self._phase == _HEAD:
-            buf = self._buf
             try:
-                end = find_head_end(buf, 0, limits.max_head_bytes, "response")
+                end = find_head_end(buf, 0, limits.max_head_bytes, "response", 0, self._scanned)
                 if end == -1:
                     if _looks_like_http2(buf):
                         # Its SETTINGS frame came first: it will never answer in HTTP/1.1.
                         raise HttpError(502, "no HTTP/1.1 response", "upstream_bad_head")
+                    if isinstance(buf, bytes):
+                        self._buf += buf
+                    self._scanned = len(self._buf)
                     return
-                head = buf[:end]
+                head = buf[:end] if isinstance(buf, bytes) else bytes(buf[:end])
                 check_head(head, limits.max_header_count, limits.max_request_line_bytes, "response")
                 response = plan_response(self.codec.parse_response(head), self._method)
             except HttpError as exc:
@@ -302,8 +313,12 @@ class H1Client(UpstreamStream):
                 else:
                     self._fail(exc.status, exc.reason, exc.cause, SENT)
                 return
-            rest = buf[end:]
-            self._buf = b""
+            if isinstance(buf, bytes):
+                rest = buf[end:]
+            else:  # held in _buf: copied out, and _buf starts over
+                rest = bytes(buf[end:])
+                self._buf = bytearray()
+                self._scanned = 0
             listener = self.listener
             assert listener is not None
             status = response.status
@@ -319,7 +334,7 @@ class H1Client(UpstreamStream):
                         self._deliver(rest)
                     return
                 listener.on_informational(status)
-                self._buf = rest
+                buf = rest
                 continue
             body = response.body
             length = response.content_length if body == BODY_LENGTH else 0
@@ -409,7 +424,7 @@ def _from_http2(request: Request, fields: Fields, extra_lines: bytes, framing: b
     return b"".join(lines)
 
 
-def _looks_like_http2(buf: bytes) -> bool:
+def _looks_like_http2(buf: bytes | bytearray) -> bool:
     # An HTTP/2-only server answers an HTTP/1.1 request with its SETTINGS frame (type 4 on
     # stream 0), often followed by a GOAWAY; an HTTP/1.1 response starts with "HTTP/".
     return len(buf) >= 9 and not buf.startswith(b"HTTP/") and buf[3] == 4 and buf[5:9] == b"\0\0\0\0"

@@ -12,7 +12,7 @@ import yaml
 from controlplane.authconfig import load_auth_config, parse_auth_config
 from controlplane.identity import Roles
 from controlplane.limits import Limits, RateLimiter
-from controlplane.tokens import parse_tokens, token_digest
+from controlplane.tokens import load_tokens, parse_tokens, token_digest
 from filters import ValidationError
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -105,3 +105,16 @@ def test_rate_limiter_refills_and_forgets_full_buckets() -> None:
     now[0] += 10
     limiter.take("c")  # three keys: the refilled ones are dropped
     assert len(limiter._buckets) <= 2
+
+
+def test_auth_and_tokens_files_with_numbers_too_long_to_convert_name_the_field(tmp_path: Path) -> None:
+    auth = tmp_path / "auth.yaml"
+    auth.write_text("limits:\n  max_connections: " + "9" * 5000 + "\n")
+    with pytest.raises(ValidationError) as caught:
+        load_auth_config(auth)
+    assert [p.field for p in caught.value.problems] == ["limits.max_connections"]
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text("tokens:\n  - identity: x\n    sha256: " + "1" * 5000 + "\n")
+    with pytest.raises(ValidationError) as caught:
+        load_tokens(tokens)
+    assert [p.field for p in caught.value.problems] == ["tokens[0].sha256"]
