@@ -11,6 +11,11 @@
     GET    /v1/proxies                -> {"revision", "proxies": [...]}
     GET    /v1/audit[?since=T&session=ID&limit=N]  -> {"entries": [...]} (admins: all; others: theirs)
     GET    /v1/whoami                 -> the caller's identity, groups, roles and policy rules
+    POST   /v1/sessions/{id}/tunnel   -> 201 {"ticket", "expires_at", "session"}: attach a local process (owner)
+    GET    /v1/tunnels                -> {"tunnels": [...]}
+    POST   /v1/tunnels                gateways: {"ticket", "gateway", "address", "peer"} -> 201 {"tunnel", ...}
+    POST   /v1/tunnels/{id}           gateways: a report (counts) -> {"tunnel"} | 404
+    DELETE /v1/tunnels/{id}[?reason=R]  gateways: the machine's link is gone -> 204 | 404
     GET    /healthz, GET /metrics     no credentials needed
 
 Everything under ``/v1`` needs credentials (``Authorization: Bearer``, checked from the
@@ -53,11 +58,15 @@ from controlplane.limits import Limits, RateLimiter
 from controlplane.metrics import ControlPlaneMetrics
 from controlplane.policy import Policy
 from controlplane.store import SessionStore, StoredSession
-from filters import Problem, Session, ValidationError, finite_number, parse_session
+from controlplane.tunnels import DEFAULT_REPORT_INTERVAL_S, TunnelRegistry
+from filters import Problem, Session, ValidationError, parse_address, parse_session
+from filters.documents import load_json
+from filters.model import MAX_UNIX_S
 
 _EXTEND_FIELDS = frozenset({"ttl_s", "expires_at"})
 _CHANGES = frozenset({"POST", "PUT", "DELETE"})
-_NUMBER_RE = re.compile(r"\d+(?:\.\d+)?")
+# Unix seconds, bounded before float(): a longer run of digits is no time (12 digits reach past 9999).
+_NUMBER_RE = re.compile(r"\d{1,12}(?:\.\d{1,9})?")
 # Audit entries per request of GET /v1/audit: a page a terminal can show, bounded work per call.
 MAX_AUDIT_PAGE = 1000
 _DEFAULT_AUDIT_PAGE = 100
@@ -95,8 +104,10 @@ class ApiService:
         limits: Limits | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        tunnels: TunnelRegistry | None = None,
     ) -> None:
         self.store = store
+        self.tunnels = tunnels or TunnelRegistry(store, audit, clock=clock)
         self.policy = policy
         self._authenticate = authenticate
         self._roles = roles
@@ -178,6 +189,11 @@ class ApiService:
         if self._roles.proxy_only(identity):
             raise Forbidden(f"identity {identity.name!r} is a proxy credential (groups "
                             f"{', '.join(sorted(identity.groups))}); proxies cannot use the API")
+        if segments[0] == "tunnels":
+            return self._tunnels(request, identity, segments[1:])
+        if identity.in_any(self._roles.gateway_groups) and not self._roles.is_admin(identity):
+            raise Forbidden(f"identity {identity.name!r} is a gateway credential (groups "
+                            f"{', '.join(sorted(identity.groups))}); gateways only use /v1/tunnels")
         match segments:
             case ["sessions"]:
                 if method == "POST":
@@ -191,6 +207,8 @@ class ApiService:
                 return self._only(method, "GET", "PUT", "DELETE") or self._get(session_id)
             case ["sessions", session_id, "extend"] if session_id:
                 return self._only(method, "POST") or self._extend(request, identity, session_id)
+            case ["sessions", session_id, "tunnel"] if session_id:
+                return self._only(method, "POST") or self._ticket(request, identity, session_id)
             case ["proxies"]:
                 return self._only(method, "GET") or json_reply(
                     200, {"revision": self.store.revision, "proxies": self._proxies.proxies()})
@@ -251,7 +269,7 @@ class ApiService:
 
     def _create(self, request: Request, identity: Identity) -> Reply:
         self._rate_limit(identity)
-        spec = self._json_object(request.body)
+        spec = self._json_object(request.body, "session")
         group = self._check_group(identity, spec.pop("group", None))
         now = self._clock()
         problems = []
@@ -276,7 +294,7 @@ class ApiService:
         self._rate_limit(identity)
         old = self._existing(session_id)
         self._may_change(identity, old)
-        spec = self._json_object(request.body)
+        spec = self._json_object(request.body, "session")
         group = self._check_group(identity, spec.pop("group")) if "group" in spec else old.group
         now = self._clock()
         problems = []
@@ -312,6 +330,11 @@ class ApiService:
             problems.extend(exc.problems)
         if session is not None and session.expires_at is not None and session.expires_at <= now:
             problems.append(Problem("session.expires_at", "is in the past"))
+        if session is not None:
+            for i, route in enumerate(session.routes):
+                if route.tunnel:
+                    problems.append(Problem(f"session.routes[{i}].tunnel", "is set by the control plane when a "
+                                            "tunnel attaches; leave it out (destination: tunnel asks for one)"))
         if problems or session is None:
             raise ValidationError(problems)
         return session
@@ -349,7 +372,70 @@ class ApiService:
 
     def _get(self, session_id: str) -> Reply:
         stored = self._existing(session_id)
-        return json_reply(200, {**_stored(stored), "proxies": self._proxies.rollout(stored.session, stored.revision)})
+        out = {**_stored(stored), "proxies": self._proxies.rollout(stored.session, stored.revision)}
+        if any(r.destination is None for r in stored.session.routes):
+            tunnel = self.tunnels.for_session(session_id)
+            out["tunnel"] = None if tunnel is None else tunnel.to_dict()
+        return json_reply(200, out)
+
+    # ------------------------------------------------------------------ tunnels (docs/remocal.md)
+
+    def _ticket(self, request: Request, identity: Identity, session_id: str) -> Reply:
+        """A one-use ticket to attach a tunnel: only who may change the session may attach to it."""
+        stored = self._existing(session_id)
+        self._may_change(identity, stored)
+        if not any(r.destination is None for r in stored.session.routes):
+            raise ValidationError([Problem("session.routes", f"session {session_id!r} has no route with destination "
+                                           "'tunnel'; create it with turnout connect (or destination: tunnel)")])
+        rules = self.policy.rules_for(identity.groups).to_dict()
+        outgoing = {k: rules[k] for k in ("groups", "allowed_services", "allowed_destinations")}
+        ticket, expires_at = self.tunnels.issue(session_id, identity.name, outgoing)
+        return json_reply(201, {"ticket": ticket, "expires_at": expires_at, "session": stored.session.to_dict()})
+
+    def _tunnels(self, request: Request, identity: Identity, rest: list[str]) -> Reply:
+        method = request.method
+        if not rest and method == "GET":
+            return json_reply(200, {"tunnels": [t.to_dict() for t in self.tunnels.tunnels()]})
+        if not self._roles.is_gateway(identity):
+            raise Forbidden(f"identity {identity.name!r} is not a gateway (groups "
+                            f"{', '.join(sorted(self._roles.gateway_groups))}); only turnout gateway registers tunnels")
+        if not rest:
+            return self._only(method, "GET", "POST") or self._redeem(request, identity)
+        if len(rest) == 1 and rest[0]:
+            tunnel_id = rest[0]
+            if method == "DELETE":
+                reason = (request.query.get("reason") or ["the machine's link was lost"])[-1]
+                self.tunnels.remove(tunnel_id, identity.name, reason, request.peer)
+                return Reply(204)
+            if method == "POST":
+                body = self._json_object(request.body)
+                return json_reply(200, {"tunnel": self.tunnels.report(tunnel_id, identity.name, body).to_dict()})
+            return self._only(method, "POST", "DELETE") or error_reply(404, "not_found", "no such path")
+        return error_reply(404, "not_found", f"no such path {request.path!r}")
+
+    def _redeem(self, request: Request, identity: Identity) -> Reply:
+        body = self._json_object(request.body)
+        problems = []
+        for name in ("ticket", "gateway", "address"):
+            if not isinstance(body.get(name), str) or not body[name]:
+                problems.append(Problem(name, "must be a non-empty string"))
+        address = None
+        if not problems:
+            try:
+                address = parse_address(body["address"])
+            except ValueError as exc:
+                problems.append(Problem("address", str(exc)))
+        if problems or address is None:
+            raise ValidationError(problems)
+        peer = body.get("peer")
+        tunnel = self.tunnels.redeem(body["ticket"], body["gateway"][:128], identity.name, address,
+                                     peer[:128] if isinstance(peer, str) else "", request.peer)
+        stored = self._existing(tunnel.session_id)
+        # What the gateway needs for the machine's outgoing calls: where the attaching identity's
+        # policy lets them go, and the key to add to their baggage.
+        return json_reply(201, {"tunnel": tunnel.to_dict(), "session": stored.session.to_dict(),
+                                "outgoing": {"rules": tunnel.rules, "key": stored.session.key},
+                                "report_interval_s": DEFAULT_REPORT_INTERVAL_S})
 
     def _delete(self, request: Request, identity: Identity, session_id: str) -> Reply:
         self._rate_limit(identity)
@@ -395,7 +481,8 @@ class ApiService:
         limit = _DEFAULT_AUDIT_PAGE
         if request.query.get("limit"):
             text = request.query["limit"][-1]
-            if not text.isdigit() or not 1 <= int(text) <= MAX_AUDIT_PAGE:
+            # ASCII digits, and few: int() takes other scripts' digits and refuses 4,301 of them.
+            if not (text.isascii() and text.isdigit() and len(text) <= 9) or not 1 <= int(text) <= MAX_AUDIT_PAGE:
                 raise ValidationError([Problem("limit", f"must be a whole number from 1 to {MAX_AUDIT_PAGE}")])
             limit = int(text)
         # Admins read everything; others what they did and what was done to their sessions.
@@ -403,10 +490,11 @@ class ApiService:
         entries = self._audit.entries(since, session, party, limit)
         return json_reply(200, {"entries": [e.to_dict() for e in entries], "all": party is None})
 
-    def _json_object(self, body: bytes) -> dict[str, Any]:
+    def _json_object(self, body: bytes, root: str = "") -> dict[str, Any]:
+        """The body as a JSON object; ``root`` prefixes the path naming an over-long number."""
         max_depth = self._limits.max_json_depth
         try:
-            data = json.loads(body)
+            data = load_json(body, root)  # an over-long number: ValidationError naming where it is
         except RecursionError:
             raise ValidationError([Problem("body", f"nests deeper than {max_depth} levels")]) from None
         except (ValueError, UnicodeDecodeError) as exc:
@@ -477,10 +565,10 @@ def _parse_time(value: Any, field: str) -> float:
         if parsed is None or parsed.tzinfo is None:
             raise ValidationError([Problem(field, "must be unix seconds or an RFC 3339 time with a zone")])
         return parsed.timestamp()
-    seconds = finite_number(value)
-    if seconds is None:
-        raise ValidationError([Problem(field, "must be unix seconds or an RFC 3339 time with a zone")])
-    return seconds
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not -MAX_UNIX_S <= value <= MAX_UNIX_S:
+        raise ValidationError([Problem(field, "must be unix seconds or an RFC 3339 time with a zone, before the "
+                                              "year 10000")])
+    return float(value)
 
 
 def _parse_extend(body: dict[str, Any], now: float) -> float:
@@ -491,9 +579,10 @@ def _parse_extend(body: dict[str, Any], now: float) -> float:
     if len(body) != 1:
         raise ValidationError([Problem("body", "give exactly one of ttl_s (seconds from now) or expires_at")])
     if "ttl_s" in body:
-        ttl_s = finite_number(body["ttl_s"])
-        if ttl_s is None or ttl_s <= 0:
-            raise ValidationError([Problem("ttl_s", "must be a positive number of seconds")])
+        ttl_s = body["ttl_s"]
+        if isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float)) or not 0 < ttl_s <= MAX_UNIX_S - now:
+            raise ValidationError([Problem("ttl_s", "must be a positive number of seconds, ending before the year "
+                                                    "10000")])
         return now + ttl_s
     expires_at = _parse_time(body["expires_at"], "expires_at")
     if expires_at <= now:

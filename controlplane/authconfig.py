@@ -29,13 +29,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from controlplane.identity import Roles, name_problem
 from controlplane.jwks import DEFAULT_ALGORITHMS, IssuerConfig, check_jwks_url
 from controlplane.limits import Limits, parse_limits
 from filters import Problem, ValidationError, finite_number
-from turnout.yamltext import YamlError, load_yaml_text
+from filters.documents import load_yaml
 
-_FIELDS = ("admin_groups", "proxy_groups", "tokens_file", "issuers", "groups", "limits")
+_FIELDS = ("admin_groups", "proxy_groups", "gateway_groups", "tokens_file", "issuers", "groups", "limits")
 _ISSUER_FIELDS = ("issuer", "audiences", "jwks_file", "jwks_url", "jwks_ca_file", "jwks_token_file",
                   "jwks_refresh_s", "jwks_min_refresh_s", "algorithms", "identity_claim", "identity_prefix",
                   "groups_claim", "groups_prefix", "groups", "node_id_claim", "leeway_s")
@@ -59,8 +61,8 @@ def load_auth_config(path: str | Path) -> AuthConfig:
     except (OSError, UnicodeDecodeError) as exc:
         raise ValidationError([Problem(str(path), f"cannot read the auth file: {exc}")]) from None
     try:
-        data = load_yaml_text(text)
-    except YamlError as exc:
+        data = load_yaml(text)  # ValidationError naming a number too long to convert
+    except yaml.YAMLError as exc:
         raise ValidationError([Problem(str(path), f"invalid YAML: {exc}")]) from None
     return parse_auth_config({} if data is None else data, Path(path).resolve().parent)
 
@@ -80,6 +82,8 @@ def parse_auth_config(data: Any, base: Path, where: str = "auth") -> AuthConfig:
     roles = Roles(
         admin_groups=_group_set(data.get("admin_groups"), Roles().admin_groups, f"{where}.admin_groups", fail),
         proxy_groups=_group_set(data.get("proxy_groups"), Roles().proxy_groups, f"{where}.proxy_groups", fail),
+        gateway_groups=_group_set(data.get("gateway_groups"), Roles().gateway_groups, f"{where}.gateway_groups",
+                                  fail),
     )
     if roles.admin_groups & roles.proxy_groups:
         fail(f"{where}.proxy_groups", "a group cannot be both an admin group and a proxy group")

@@ -31,7 +31,8 @@ from controlplane.auth import local_token_path, read_token
 from controlplane.client import ApiError, ControlPlaneClient, Unreachable
 from controlplane.durations import format_duration, parse_duration
 from controlplane.errors import StartupError
-from filters import UPSTREAM_PROTOCOLS
+from filters import UPSTREAM_PROTOCOLS, ValidationError
+from filters.documents import load_yaml
 
 DEFAULT_CONTROL_PLANE = "http://127.0.0.1:18080"
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_UNCONFIRMED = 0, 1, 2, 3, 4
@@ -134,15 +135,16 @@ def _add_spec_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key", help="routing key; without one the session is filter-only: give --match (or "
                         "--mode mirror), or the default policy refuses it")
     parser.add_argument("--route", action="append", required=True, type=_route, metavar="SERVICE=HOST:PORT",
-                        help="send SERVICE's requests to HOST:PORT; repeat for more services")
+                        help="send SERVICE's requests to HOST:PORT (or SERVICE=tunnel: to whoever attaches a "
+                        "local process with turnout connect); repeat for more services")
     parser.add_argument("--mode", choices=["steal", "mirror"],
                         help="steal: the sandbox answers (default); mirror: baseline answers, the sandbox gets a copy")
     parser.add_argument("--fallback", choices=["baseline", "error"],
                         help="sandbox unreachable: retry on baseline (default) or answer 503")
     parser.add_argument("--upstream-protocol", choices=list(UPSTREAM_PROTOCOLS),
-                        help="how requests reach the sandbox: auto = the client's protocol (default), http1 = "
-                        "HTTP/2 requests translated to HTTP/1.1, http2 = every request over HTTP/2 (gRPC is "
-                        "always HTTP/2)")
+                        help="how requests reach the sandbox: http1 = HTTP/2 requests translated to HTTP/1.1, "
+                        "http2 = every request over HTTP/2, auto = the client's protocol (default: the listener's "
+                        "upstream_protocol, http1 unless it says otherwise; gRPC is always HTTP/2)")
     parser.add_argument("--match", type=_match, metavar="YAML_OR_JSON",
                         help="extra predicate, in the rules file's match language, e.g. "
                         "'{header: {name: x-user, exact: alice}}'; @FILE reads it from a file")
@@ -177,6 +179,9 @@ def _add_control_plane(sub: Any) -> None:
                     "streams")
     cp.add_argument("--proxy-token-file", metavar="FILE",
                     help="a shared proxy token (identity 'proxy'); it cannot use the API")
+    cp.add_argument("--gateway-token-file", metavar="FILE",
+                    help="a shared token for tunnel gateways (identity 'gateway', turnout gateway); it can only "
+                    "register tunnels")
     cp.add_argument("--policy", metavar="FILE", help="YAML policy file (guardrails); SIGHUP reloads it")
     cp.add_argument("--tls-cert", metavar="FILE", help="PEM certificate chain: serve the API and gRPC over TLS")
     cp.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
@@ -230,9 +235,11 @@ def _match(text: str) -> dict[str, Any]:
         except OSError as exc:
             raise argparse.ArgumentTypeError(f"cannot read {text[1:]}: {exc.strerror}") from None
     try:
-        value = yaml.safe_load(text)  # JSON is YAML
+        value = load_yaml(text)  # JSON is YAML
     except yaml.YAMLError as exc:
         raise argparse.ArgumentTypeError(f"not YAML or JSON: {exc}") from None
+    except ValidationError as exc:  # a number too long to convert
+        raise argparse.ArgumentTypeError(str(exc)) from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError("must be a match mapping, e.g. '{header: {name: x-user, exact: alice}}'")
     return value
@@ -267,7 +274,8 @@ def _cmd_control_plane(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     return run_control_plane(ServerOptions(
         api=args.api, grpc=args.grpc, db=args.db, auth=args.auth, token_file=args.token_file,
-        proxy_token_file=args.proxy_token_file, policy=args.policy, tls_cert=args.tls_cert,
+        proxy_token_file=args.proxy_token_file, gateway_token_file=args.gateway_token_file, policy=args.policy,
+        tls_cert=args.tls_cert,
         tls_key=args.tls_key, control_plane_id=args.id,
     ))
 
@@ -409,6 +417,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
 def _cmd_get(args: argparse.Namespace) -> int:
     def show(reply: Any) -> str:
         text = _describe(reply["session"], reply["revision"], reply.get("group"))
+        if "tunnel" in reply:
+            text += "\n" + _tunnel_table([reply["tunnel"]] if reply["tunnel"] else [], reply["session"]["id"])
         return text + "\n" + _rollout(reply.get("proxies", []), reply["session"], None)
 
     return _call(args, lambda client: client.get_session(args.id), show)
@@ -444,12 +454,37 @@ def _cmd_status(args: argparse.Namespace) -> int:
                 f"version {nack.get('version')}: {nack.get('message')}" if isinstance(nack, dict) else "-",
             ])
         head = f"control plane revision {reply['revision']}\n"
+        tunnels = reply.get("tunnels") or []
+        tail = ("\n" + _tunnel_table(tunnels, None)) if tunnels else ""
         if not rows:
-            return head + "no proxies have connected\n"
+            return head + "no proxies have connected\n" + tail
         return head + _table(
-            ["PROXY", "CLUSTER", "SERVICES", "PROTOCOL", "CONNECTED", "VERSION", "IN SYNC", "LAST NACK"], rows)
+            ["PROXY", "CLUSTER", "SERVICES", "PROTOCOL", "CONNECTED", "VERSION", "IN SYNC", "LAST NACK"], rows) + tail
 
-    return _call(args, lambda client: client.proxies(), show)
+    def status(client: ControlPlaneClient) -> Any:
+        reply = client.proxies()
+        return {**reply, "tunnels": client.tunnels()["tunnels"]}
+
+    return _call(args, status, show)
+
+
+def _tunnel_table(tunnels: list[dict[str, Any]], session_id: str | None) -> str:
+    """The tunnels (turnout connect) of a session or of every session, as a table."""
+    if not tunnels:
+        return f"no tunnel attached to session {session_id}: its tunnel routes fall back\n"
+    now = time.time()
+    rows = [[str(t.get("session")), str(t.get("id")), str(t.get("gateway")), str(t.get("peer") or "-"),
+             _ago(t.get("connected_at"), now), str(t.get("requests") or 0), str(t.get("errors") or 0),
+             str((t.get("bytes_in") or 0) + (t.get("bytes_out") or 0)), str(t.get("last_status") or "-"),
+             str(t.get("last_error") or "-")] for t in tunnels]
+    return _table(["SESSION", "TUNNEL", "GATEWAY", "MACHINE", "CONNECTED", "REQUESTS", "ERRORS", "BYTES",
+                   "LAST STATUS", "LAST ERROR"], rows)
+
+
+def _ago(timestamp: float | None, now: float) -> str:
+    if not timestamp:
+        return "-"
+    return format_duration(max(0.0, round(now - timestamp))) + " ago"
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
@@ -501,6 +536,16 @@ def _cmd_whoami(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- plumbing
+
+
+def common_options() -> argparse.ArgumentParser:
+    """The options every client command shares (--control-plane, --token-file, --ca-file, --json)."""
+    return _common_options()
+
+
+def token_for(args: argparse.Namespace) -> str | None:
+    """The bearer token of parsed ``common_options``; raises ``StartupError`` for an unreadable file."""
+    return _token(args)
 
 
 def _token(args: argparse.Namespace) -> str | None:
@@ -601,7 +646,7 @@ def _describe(session: dict[str, Any], revision: int | None = None, group: str |
     width = max(len(name) for name, _ in fields)
     text = "".join(f"{name.ljust(width)}  {value}\n" for name, value in fields)
     rows = [[r["service"], r["destination"], r.get("mode", "steal"), r.get("fallback", "baseline"),
-             r.get("upstream_protocol", "auto"), str(r.get("priority", 0)),
+             r.get("upstream_protocol", "listener"), str(r.get("priority", 0)),
              json.dumps(r["match"], separators=(",", ":")) if "match" in r else "-"]
             for r in session["routes"]]
     return text + "\n" + _table(["SERVICE", "DESTINATION", "MODE", "FALLBACK", "PROTOCOL", "PRIORITY", "MATCH"],

@@ -128,6 +128,27 @@ class ControlPlaneClient:
         query = {k: str(v) for k, v in (("since", since), ("session", session), ("limit", limit)) if v is not None}
         return self.call("GET", "/v1/audit" + ("?" + urlencode(query) if query else ""))
 
+    def tunnel_ticket(self, session_id: str) -> Any:
+        """``POST /v1/sessions/{id}/tunnel``: a one-use ticket to attach a tunnel (``{"ticket", ...}``)."""
+        return self.call("POST", "/v1/sessions/" + quote(session_id, safe="") + "/tunnel", {})
+
+    def tunnels(self) -> Any:
+        """``GET /v1/tunnels``: ``{"tunnels": [...]}``."""
+        return self.call("GET", "/v1/tunnels")
+
+    def attach_tunnel(self, ticket: str, gateway: str, address: str, peer: str) -> Any:
+        """``POST /v1/tunnels`` (gateways): redeem a machine's ticket; ``{"tunnel", "session", ...}``."""
+        return self.call("POST", "/v1/tunnels", {"ticket": ticket, "gateway": gateway, "address": address,
+                                                 "peer": peer})
+
+    def report_tunnel(self, tunnel_id: str, stats: dict[str, Any]) -> Any:
+        """``POST /v1/tunnels/{id}`` (gateways): counts, renewing the tunnel's lease."""
+        return self.call("POST", "/v1/tunnels/" + quote(tunnel_id, safe=""), stats)
+
+    def detach_tunnel(self, tunnel_id: str, reason: str) -> None:
+        """``DELETE /v1/tunnels/{id}`` (gateways): the machine's link is gone."""
+        self.call("DELETE", "/v1/tunnels/" + quote(tunnel_id, safe="") + "?" + urlencode({"reason": reason}))
+
     def whoami(self) -> Any:
         """``GET /v1/whoami``: the caller's identity, groups and rules."""
         return self.call("GET", "/v1/whoami")

@@ -9,11 +9,16 @@ _UNIT_S = {"d": 86400, "h": 3600, "m": 60, "s": 1}
 # Units in decreasing order, each at most once: "1h30m" but not "30m1h" or "1h1h".
 _DURATION_RE = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
 _SECONDS_RE = re.compile(r"\d+(?:\.\d+)?")
+# The longest duration text read: "1000000d23h59m59s" is 17 characters, plain seconds with
+# a fraction a few more; anything longer is a mistake, or digits meant to overflow.
+_MAX_CHARS = 32
 
 
 def parse_duration(text: str) -> float:
     """Seconds in ``text``; raises ``ValueError`` with the accepted forms."""
     text = text.strip().lower()
+    if len(text) > _MAX_CHARS:  # bounded before int() and float(): 4,301 digits are a ValueError
+        raise ValueError(f"{text[:_MAX_CHARS]!r}...: longer than any duration ({_MAX_CHARS} characters at most)")
     if _SECONDS_RE.fullmatch(text):
         seconds = float(text)
     else:

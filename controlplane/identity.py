@@ -58,10 +58,12 @@ class Identity:
 
 @dataclass(frozen=True)
 class Roles:
-    """Which groups are administrators (may change anyone's sessions) and which are proxies."""
+    """Which groups are administrators (may change anyone's sessions), which are proxies, and
+    which are tunnel gateways (``turnout gateway``: may register the tunnels machines attach)."""
 
     admin_groups: frozenset[str] = frozenset({"admins"})
     proxy_groups: frozenset[str] = frozenset({"proxies"})
+    gateway_groups: frozenset[str] = frozenset({"gateways"})
 
     def is_admin(self, identity: Identity) -> bool:
         """Whether ``identity`` may update, extend and delete any session."""
@@ -71,9 +73,17 @@ class Roles:
         """Whether ``identity`` may open a push stream."""
         return identity.in_any(self.proxy_groups)
 
+    def is_gateway(self, identity: Identity) -> bool:
+        """Whether ``identity`` may register tunnels (a gateway, or an admin)."""
+        return identity.in_any(self.gateway_groups) or self.is_admin(identity)
+
     def proxy_only(self, identity: Identity) -> bool:
         """A proxy credential and nothing more: it may not use the API."""
         return self.is_proxy(identity) and not self.is_admin(identity)
+
+    def gateway_identity(self, name: str, via: str) -> Identity:
+        """A gateway identity for ``--gateway-token-file``: it registers tunnels and nothing else."""
+        return Identity(name, frozenset({min(self.gateway_groups)}), via)
 
     def admin_identity(self, name: str, via: str, also_proxy: bool) -> Identity:
         """An administrator identity for a bootstrap token (``--token-file`` or the generated one)."""

@@ -46,12 +46,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import yaml
+
 from controlplane.durations import format_duration
 from controlplane.errors import Conflict, PolicyRefused
 from controlplane.identity import name_problem
 from controlplane.overlap import disjoint, unfiltered
 from filters import Address, MatchLimits, Problem, Route, RuleLimits, Session, ValidationError, finite_number
-from turnout.yamltext import YamlError, load_yaml_text
+from filters.documents import load_yaml
 
 _DEFAULT_TTL_S = 7200.0  # two hours: a working session; extend for longer
 _RULE_DEFAULTS = RuleLimits()
@@ -240,7 +242,10 @@ class Policy:
                 fnmatch.fnmatchcase(service, p) for p in rules.allowed_services):
             raise PolicyRefused("allowed_services", f"service {service!r} may not be forked under {rules.whose()}; "
                                 f"allowed services: {', '.join(rules.allowed_services)}")
-        if rules.allowed_destinations is not None and not rules.allowed_destinations.allows(route.destination):
+        # A tunnel route's sandbox is the owner's own machine, reached through a gateway: no
+        # cluster address to check (only the owner can attach it, see controlplane/tunnels.py).
+        if rules.allowed_destinations is not None and route.destination is not None \
+                and not rules.allowed_destinations.allows(route.destination):
             raise PolicyRefused(
                 "allowed_destinations",
                 f"destination {route.destination} (service {service!r}) is outside the destinations "
@@ -318,8 +323,8 @@ def load_policy(path: str | Path) -> Policy:
     except UnicodeDecodeError as exc:
         raise ValidationError([Problem(str(path), f"cannot read the policy file: not UTF-8 ({exc})")]) from None
     try:
-        data = load_yaml_text(text)
-    except YamlError as exc:
+        data = load_yaml(text)  # ValidationError naming a number too long to convert
+    except yaml.YAMLError as exc:
         raise ValidationError([Problem(str(path), f"invalid YAML: {exc}")]) from None
     return parse_policy({} if data is None else data)
 

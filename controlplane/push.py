@@ -199,8 +199,12 @@ class PushService(config_pb2_grpc.SessionDiscoveryServicer):
     def __init__(self, store: StoreLike, control_plane_id: str, registry: CollectorRegistry | None = None, *,
                  authenticate: Callable[[str | None], Awaitable[Identity]] | None = None, roles: Roles | None = None,
                  audit: AuditLog | None = None, limits: Limits | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 resolve: Callable[[Session], Session] | None = None) -> None:
         self.store = store
+        # Sessions as proxies get them: tunnel routes pointed at the gateway holding the tunnel
+        # (``TunnelRegistry.resolve``; a tunnel change bumps the session's revision).
+        self._resolve = resolve or _as_stored
         self.control_plane_id = control_plane_id
         self._authenticate = authenticate
         self._roles = roles or Roles()
@@ -539,7 +543,7 @@ class PushService(config_pb2_grpc.SessionDiscoveryServicer):
         for session_id, stored in self.store.all().items():
             cached = cache.get(session_id)
             if cached is None or cached[0] != stored.revision:
-                msg = session_to_proto(stored.session, services)
+                msg = session_to_proto(self._resolve(stored.session), services)
                 resource = None if msg is None else config_pb2.Resource(
                     name=session_id, version=str(stored.revision), session=msg)
                 cached = cache[session_id] = (stored.revision, resource)
@@ -568,7 +572,7 @@ class PushService(config_pb2_grpc.SessionDiscoveryServicer):
         changes: dict[str, str | None] = {}
         for session_id in sorted(names):
             stored = current.get(session_id)
-            msg = None if stored is None else session_to_proto(stored.session, services)
+            msg = None if stored is None else session_to_proto(self._resolve(stored.session), services)
             if msg is not None and stored is not None:
                 session_version = str(stored.revision)
                 if has.get(session_id) != session_version:
@@ -584,6 +588,10 @@ class PushService(config_pb2_grpc.SessionDiscoveryServicer):
 
 # The identity of every stream when the gRPC server authenticates on its own.
 _TRUSTED = Identity("proxy", frozenset(Roles().proxy_groups), "the transport")
+
+
+def _as_stored(session: Session) -> Session:
+    return session
 
 
 def _host(peer: str) -> str:

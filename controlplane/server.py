@@ -55,6 +55,7 @@ from controlplane.policy import Policy, load_policy
 from controlplane.push import PushService
 from controlplane.store import SessionStore
 from controlplane.tokens import token_digest
+from controlplane.tunnels import TunnelRegistry
 from filters import ValidationError
 from turnout.v1 import config_pb2_grpc
 
@@ -93,6 +94,7 @@ class ServerOptions:
     auth: str | None = None
     token_file: str | None = None
     proxy_token_file: str | None = None
+    gateway_token_file: str | None = None
     policy: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -103,7 +105,7 @@ def split_address(text: str, flag: str) -> tuple[str, int]:
     """``host:port`` (``[v6]:port`` for IPv6) of a listen flag; port 0 picks a free one."""
     host, sep, port = text.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
+    if not sep or not host or not (port.isascii() and port.isdigit() and len(port) <= 5) or int(port) > 65535:
         raise StartupError(f"{flag} {text!r}: expected host:port, e.g. 127.0.0.1:18080")
     return host, int(port)
 
@@ -160,6 +162,12 @@ class ControlPlane:
             if digest in bootstrap:
                 raise StartupError("--proxy-token-file holds the same token as --token-file; give proxies their own")
             bootstrap[digest] = roles.proxy_identity("proxy", "--proxy-token-file")
+        if options.gateway_token_file is not None:
+            digest = token_digest(read_token(options.gateway_token_file, "--gateway-token-file"))
+            if digest in bootstrap:
+                raise StartupError("--gateway-token-file holds the same token as another bootstrap token; give "
+                                   "gateways their own")
+            bootstrap[digest] = roles.gateway_identity("gateway", "--gateway-token-file")
         return bootstrap, generated
 
     def _load_policy(self) -> Policy:
@@ -193,10 +201,11 @@ class ControlPlane:
         metrics = ControlPlaneMetrics(registry, store)
         audit = AuditLog(store, limits)
         metrics.watch_audit(lambda: audit.suppressed_total)
+        tunnels = TunnelRegistry(store, audit)
         push = PushService(store, self._control_plane_id, registry, authenticate=authenticator.authenticate,
-                           roles=roles, audit=audit, limits=limits)
+                           roles=roles, audit=audit, limits=limits, resolve=tunnels.resolve)
         api = ApiService(store, self._policy, authenticator.authenticate, roles, push, registry, metrics, audit,
-                         limits)
+                         limits, tunnels=tunnels)
         http = HttpServer(api.handle, api.admit, limits)
         metrics.watch_connections(lambda: http.connections - http.unauthenticated, lambda: http.unauthenticated,
                                   lambda: http.evicted)
@@ -216,6 +225,7 @@ class ControlPlane:
         token_path = self._write_generated_token(api_port)
         await server.start()
         expirer = asyncio.create_task(Expirer(store, metrics, audit).run())
+        leases = asyncio.create_task(_expire_tunnels(tunnels))
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.stop)
         loop.add_signal_handler(signal.SIGINT, self.stop)
@@ -240,8 +250,11 @@ class ControlPlane:
             await push.close()
             await asyncio.gather(grpc_stopped, http.close(SHUTDOWN_GRACE_S))
             expirer.cancel()
+            leases.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await expirer
+            with contextlib.suppress(asyncio.CancelledError):
+                await leases
             if token_path is not None:
                 # The token dies with this run; a stale file would only make the CLI say 401.
                 with contextlib.suppress(OSError):
@@ -279,6 +292,14 @@ class ControlPlane:
         api.policy = policy
         metrics.policy_reload(ok=True)
         log.info("SIGHUP: policy reloaded from %s", self._options.policy)
+
+
+async def _expire_tunnels(tunnels: TunnelRegistry) -> None:
+    """Remove tunnels whose gateway stopped reporting (checked every second)."""
+    while True:
+        await asyncio.sleep(1.0)
+        for tunnel_id in tunnels.expire():
+            log.warning("tunnel %s removed: its gateway stopped reporting for %g s", tunnel_id, tunnels.lease_s)
 
 
 def run_control_plane(options: ServerOptions) -> int:

@@ -359,6 +359,23 @@ class SessionStore:
         self._notify(Change(revision, (stored,), ()), committed)
         return stored
 
+    def touch(self, session_id: str, audit: AuditEntry | None = None) -> StoredSession | None:
+        """A new revision for a session whose spec did not change but whose pushed form did (a
+        tunnel attached or detached): proxies are sent it again. None when there is no such session."""
+        old = self._sessions.get(session_id)
+        if old is None:
+            return None
+        revision = self._revision + 1
+        stored = StoredSession(old.session, revision, old.group)
+        with self._transaction():
+            self._db.execute("UPDATE sessions SET revision = ? WHERE id = ?", (revision, session_id))
+            self._revision = revision
+            self._save_revision()
+            committed = self._insert_audit(audit)
+        self._sessions[session_id] = stored
+        self._notify(Change(revision, (stored,), ()), committed)
+        return stored
+
     def delete(self, session_id: str, audit: AuditEntry | None = None) -> bool:
         """Remove a session; False when there was none."""
         return bool(self._remove([session_id], lambda _stored: audit))

@@ -29,9 +29,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from controlplane.identity import Identity, name_problem
 from filters import Problem, ValidationError
-from turnout.yamltext import YamlError, load_yaml_text
+from filters.documents import load_yaml
 
 _DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 _ENTRY_FIELDS = frozenset({"identity", "groups", "sha256", "node_ids"})
@@ -52,8 +54,8 @@ def load_tokens(path: str | Path) -> dict[str, Identity]:
     except (OSError, UnicodeDecodeError) as exc:
         raise ValidationError([Problem(str(path), f"cannot read the tokens file: {exc}")]) from None
     try:
-        data = load_yaml_text(text)
-    except YamlError as exc:
+        data = load_yaml(text)  # ValidationError naming a number too long to convert
+    except yaml.YAMLError as exc:
         raise ValidationError([Problem(str(path), f"invalid YAML: {exc}")]) from None
     return parse_tokens(data, f"tokens file {path}")
 

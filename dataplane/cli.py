@@ -159,8 +159,12 @@ def explain_line(method: str, target: str, report: Mapping[str, Any]) -> str:
     if kind == "baseline":
         keyed = report.get("keyed", "")
         return f"{method} {target} for {service} -> baseline ({why_key}; {keyed})"
+    tunnel = ""
+    if "tunnel" in decision:
+        tunnel = (f", tunnel via {decision['tunnel']}" if decision.get("tunnel_connected")
+                  else f", tunnel not connected: fallback {decision.get('fallback')} applies")
     where = f"{decision.get('destination')} (session {decision.get('session')}, mode {decision.get('mode')}, " \
-            f"fallback {decision.get('fallback')})"
+            f"fallback {decision.get('fallback')}{tunnel})"
     line = f"{method} {target} for {service} -> " + ("mirror copy to " if kind == "mirror" else "sandbox ") + where
     line += f"; {why_key}"
     protocol = report.get("upstream_protocol")

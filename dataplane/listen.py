@@ -16,7 +16,7 @@ import asyncio
 from typing import TYPE_CHECKING, cast
 
 from dataplane.http1.server import H1Server
-from dataplane.http2.engine import PREFACE_HTTP1, PREFACE_PARTIAL, preface_kind
+from dataplane.http2.engine import PREFACE, PREFACE_HTTP1, PREFACE_PARTIAL, preface_kind
 from dataplane.http2.server import H2Connection
 
 if TYPE_CHECKING:
@@ -34,7 +34,8 @@ class Sniffer(asyncio.Protocol):
         self.connections = connections
         self.listener = listener
         self.transport: asyncio.Transport | None = None
-        self._buf = b""
+        self._buf = bytearray()  # what was read before the first bytes could decide
+        self._lead = 0  # how many of them are CR or LF (empty lines before a request line)
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -53,12 +54,27 @@ class Sniffer(asyncio.Protocol):
         self._timer = self.router.loop.call_later(limits.header_read_timeout_s, self._timed_out)
 
     def data_received(self, data: bytes) -> None:
-        buf = self._buf + data if self._buf else data
-        kind = preface_kind(buf, self.router.runtime.limits.max_request_line_bytes)
-        if kind == PREFACE_PARTIAL:
-            self._buf = buf  # could still be the preface, or a request line: wait for more
+        held = len(self._buf)
+        max_line = self.router.runtime.limits.max_request_line_bytes
+        if self._lead == held:  # nothing but empty lines so far: they may go on
+            lead = 0
+            while lead < len(data) and (data[lead] == 13 or data[lead] == 10):
+                lead += 1
+            self._lead += lead
+        # Past the preface's length, bytes held were undecided because their first line had
+        # neither an end nor a "/": only new bytes can change that, so a first line arriving
+        # a byte at a time is examined once, not once a read.
+        after = self._lead - held if self._lead > held else 0
+        if (held > len(PREFACE) and held + len(data) <= max_line and data.find(b"\n", after) == -1
+                and data.find(b"/", after) == -1):
+            self._buf += data
             return
-        self._buf = b""
+        buf = bytes(self._buf) + data if held else data
+        kind = preface_kind(buf, max_line)
+        if kind == PREFACE_PARTIAL:
+            self._buf = bytearray(buf)  # could still be the preface, or a request line: wait for more
+            return
+        self._buf = bytearray()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

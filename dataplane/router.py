@@ -332,15 +332,24 @@ class Exchange(UpstreamListener):
         router = self.router
         if self.route_kind == "mirror":
             decision = self.decision
-            assert decision.destination is not None and decision.session_id is not None
-            self.mirror = router.mirrors.start(decision.destination, decision.session_id, request, self.fields,
-                                               self.extra, self.rt.limits,
-                                               self._over_http2(decision.upstream_protocol), self.request_done)
+            assert decision.session_id is not None
+            if decision.destination is None:
+                router.metrics.mirror_dropped("tunnel_disconnected")  # no local process to copy to
+            else:
+                self.mirror = router.mirrors.start(decision.destination, decision.session_id, request, self.fields,
+                                                   self.extra, self.rt.limits,
+                                                   self._over_http2(decision.upstream_protocol), self.request_done)
         if request.grpc_timeout:
             seconds = parse_grpc_timeout(request.grpc_timeout)
             if seconds is not None:
                 self._deadline = router.loop.call_later(seconds, self.deadline_exceeded)
         if self.route_kind == "sandbox":
+            if self.decision.destination is None:
+                # A tunnel route with no local process attached: its fallback applies at once.
+                session = str(self.decision.session_id)
+                self._failed(UpstreamError(503, "session " + session + ": local process disconnected (no tunnel "
+                                           "attached)", "tunnel_disconnected", NOT_CONNECTED), False)
+                return
             destination = self.destination
             if router.upstreams.outliers.ejected((destination.host, destination.port), router.loop.time()):
                 # Skipped while ejected: its fallback applies at once.
@@ -460,10 +469,7 @@ class Exchange(UpstreamListener):
         """The client went away, reset the request or sent a broken body (``status``, when
         nothing was answered yet: 499 is nginx's "client closed request"): drop the upstream
         side and record it."""
-        upstream = self.upstream
-        self.upstream = None
-        if upstream is not None:
-            upstream.cancel()
+        self._cancel_upstream()
         if self.mirror is not None and not self.request_done:
             self.mirror.cancel()
         if not self.finished:
@@ -532,14 +538,17 @@ class Exchange(UpstreamListener):
             else:
                 upstream.cancel()  # answered before the whole request: the rest is not sent
 
-    def on_upstream_error(self, error: UpstreamError) -> None:
-        """The attempt failed: retry, fall back, answer an error, or cut the client off."""
-        if self.finished:
-            return
+    def _cancel_upstream(self) -> None:
         upstream = self.upstream
         self.upstream = None
         if upstream is not None:
             upstream.cancel()
+
+    def on_upstream_error(self, error: UpstreamError) -> None:
+        """The attempt failed: retry, fall back, answer an error, or cut the client off."""
+        if self.finished:
+            return
+        self._cancel_upstream()
         self._failed(error)
 
     def _responded(self, head: Response) -> None:
@@ -612,10 +621,7 @@ class Exchange(UpstreamListener):
         self._deadline = None
         if self.finished:
             return
-        upstream = self.upstream
-        self.upstream = None
-        if upstream is not None:
-            upstream.cancel()
+        self._cancel_upstream()
         self.router.metrics.upstream_error(self.service, self.route_kind, "grpc_deadline")
         if not self.response_started:
             self._local_reply(UpstreamError(504, "deadline exceeded", "grpc_deadline", SENT), None,

@@ -7,6 +7,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from filters import (
     KeyConfig,
     Problem,
@@ -15,10 +17,10 @@ from filters import (
     Snapshot,
     ValidationError,
     compile_snapshot,
+    documents,
     parse_key_config,
     parse_sessions,
 )
-from turnout.yamltext import YamlError, load_yaml_text
 
 ROUTING_FIELDS = frozenset({"key_sources", "baggage_keys", "baggage_max_members", "baggage_max_bytes",
                             "debug_headers"})
@@ -42,9 +44,11 @@ def load_yaml(path: str | Path) -> Mapping[str, Any]:
 def parse_yaml(text: str, origin: str) -> Mapping[str, Any]:
     """Parse YAML text that must hold a mapping."""
     try:
-        data = load_yaml_text(text)
-    except YamlError as exc:
+        data = documents.load_yaml(text)
+    except yaml.YAMLError as exc:
         raise ConfigError([Problem(origin, f"invalid YAML: {exc}")]) from None
+    except ValidationError as exc:  # a number too long to convert
+        raise ConfigError(exc.problems) from None
     if data is None:
         return {}
     if not isinstance(data, Mapping):

@@ -12,6 +12,7 @@ from filters.head import RequestHead
 from filters.keys import KeyConfig, KeyExtractor, parse_key_config
 from filters.matchers import Matcher, MatchLimits, parse_match
 from filters.model import (
+    TUNNEL,
     UPSTREAM_PROTOCOLS,
     Address,
     Route,
@@ -27,6 +28,7 @@ from filters.sources import FoundKey, KeySource
 
 __all__ = [
     "BASELINE",
+    "TUNNEL",
     "UPSTREAM_PROTOCOLS",
     "Address",
     "BaggageMember",

@@ -10,7 +10,8 @@ A session is one isolated test context. Its JSON/YAML form::
     priority: 0                  # optional default for its routes
     routes:
       - service: users
-        destination: 10.0.0.5:8080
+        destination: 10.0.0.5:8080   # or "tunnel": the local process of whoever holds the
+                                     # session's tunnel (``turnout connect``; docs/remocal.md)
         mode: steal              # steal | mirror
         fallback: baseline       # baseline | error
         upstream_protocol: http2 # http1 | http2 | auto; absent: the listener's
@@ -53,8 +54,16 @@ _HOST_RE = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\.?")
 _LABEL_KEY_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?")
 
 SESSION_FIELDS = frozenset({"id", "key", "owner", "labels", "expires_at", "ttl_s", "created_at", "priority", "routes"})
-ROUTE_FIELDS = frozenset({"service", "destination", "mode", "fallback", "match", "priority", "upstream_protocol"})
+ROUTE_FIELDS = frozenset({"service", "destination", "mode", "fallback", "match", "priority", "upstream_protocol",
+                          "tunnel"})
+# ``destination: tunnel``: the route's sandbox is a local process behind a tunnel. The control
+# plane pushes it with the address of the gateway holding the tunnel (and ``tunnel`` naming
+# it), or, while no tunnel is attached, as ``tunnel`` itself: the route's fallback applies.
+TUNNEL = "tunnel"
 _PRIORITY_RANGE = (-1_000_000, 1_000_000)
+# The last second an RFC 3339 time can name (9999-12-31T23:59:59Z): later times, and
+# lifetimes reaching past it, are refused rather than overflowing a float or a date.
+MAX_UNIX_S = 253_402_300_799
 
 
 @dataclass(frozen=True)
@@ -106,34 +115,49 @@ def parse_address(text: Any) -> Address:
             raise ValueError(f"{text!r}: write IPv6 addresses as '[addr]:port'")
         if not _HOST_RE.fullmatch(host):
             raise ValueError(f"{host!r} is not a valid host name or IPv4 address")
-    if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
-        raise ValueError(f"port {port_text!r} is not a number from 1 to 65535")
+    # At most 5 digits before int(): it refuses more than 4,300 with a message of its own.
+    if not (port_text.isascii() and port_text.isdigit() and len(port_text) <= 5) or not 0 < int(port_text) < 65536:
+        shown = port_text if len(port_text) <= 20 else port_text[:20] + "..."
+        raise ValueError(f"port {shown!r} is not a number from 1 to 65535")
     return Address(host, int(port_text))
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """Where one session sends one service's requests."""
+    """Where one session sends one service's requests.
+
+    ``destination`` None: a tunnel route with no tunnel attached (``destination: tunnel``);
+    ``tunnel`` names the tunnel a resolved tunnel route goes through (its gateway), for
+    ``explain`` and status.
+    """
 
     service: str
-    destination: Address
+    destination: Address | None
     mode: str = "steal"
     fallback: str = "baseline"
     match: Matcher | None = None
     priority: int = 0
     upstream_protocol: str = ""  # "": the listener's; else one of UPSTREAM_PROTOCOLS
+    tunnel: str = ""
+
+    @property
+    def is_tunnel(self) -> bool:
+        """Whether the sandbox is a local process behind a tunnel (attached or not)."""
+        return self.destination is None or bool(self.tunnel)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form, as accepted by ``parse_session``."""
         out: dict[str, Any] = {
             "service": self.service,
-            "destination": str(self.destination),
+            "destination": TUNNEL if self.destination is None else str(self.destination),
             "mode": self.mode,
             "fallback": self.fallback,
             "priority": self.priority,
         }
         if self.upstream_protocol:
             out["upstream_protocol"] = self.upstream_protocol
+        if self.tunnel:
+            out["tunnel"] = self.tunnel
         if self.match is not None:
             out["match"] = self.match.to_spec()
         return out
@@ -281,10 +305,10 @@ def _parse_session(
         ttl = spec["ttl_s"]
         if now is None:
             fail(where + ".ttl_s", "cannot be resolved here; give expires_at")
-        elif (ttl_s := finite_number(ttl)) is None or ttl_s <= 0:
-            fail(where + ".ttl_s", "must be a positive number of seconds")
+        elif isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl <= MAX_UNIX_S - now:
+            fail(where + ".ttl_s", "must be a positive number of seconds, ending before the year 10000")
         else:
-            expires_at = now + ttl_s
+            expires_at = now + ttl
     default_priority = _parse_priority(spec.get("priority", 0), where + ".priority", fail)
     routes_spec = spec.get("routes")
     routes: list[Route] = []
@@ -335,10 +359,16 @@ def _parse_route(
     if not isinstance(service, str) or not _SERVICE_RE.fullmatch(service):
         fail(where + ".service", "must be a service name (letters, digits, '.', '_', '-', optional :port)")
     destination = None
-    try:
-        destination = parse_address(spec.get("destination"))
-    except ValueError as exc:
-        fail(where + ".destination", str(exc))
+    tunnel_route = spec.get("destination") == TUNNEL
+    if not tunnel_route:
+        try:
+            destination = parse_address(spec.get("destination"))
+        except ValueError as exc:
+            fail(where + ".destination", f"{exc} (or 'tunnel': a local process, see turnout connect)")
+    tunnel = spec.get("tunnel", "")
+    if not isinstance(tunnel, str) or len(tunnel) > 256 or not tunnel.isprintable():
+        fail(where + ".tunnel", "must be printable text of at most 256 characters")
+        tunnel = ""
     mode = spec.get("mode", "steal")
     if mode not in MODES:
         fail(where + ".mode", "must be one of: " + ", ".join(MODES))
@@ -355,10 +385,10 @@ def _parse_route(
             spec["match"], where + ".match", problems, limits.match,
             (limits.baggage_max_members, limits.baggage_max_bytes),
         )
-    if len(problems) != before or destination is None:
+    if len(problems) != before or (destination is None and not tunnel_route):
         return None
     assert isinstance(service, str)
-    return Route(service, destination, mode, fallback, match, priority, upstream_protocol)
+    return Route(service, destination, mode, fallback, match, priority, upstream_protocol, tunnel)
 
 
 def finite_number(value: Any) -> float | None:
@@ -394,11 +424,10 @@ def _parse_time(value: Any, where: str, fail: Any) -> float | None:
             fail(where, "an RFC 3339 time needs a zone offset, e.g. 'Z'")
             return None
         return parsed.timestamp()
-    seconds = finite_number(value)
-    if seconds is None or seconds < 0:
-        fail(where, "must be unix seconds or an RFC 3339 time")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_UNIX_S:
+        fail(where, "must be unix seconds or an RFC 3339 time, before the year 10000")
         return None
-    return seconds
+    return float(value)
 
 
 def _check_labels(labels: Any, where: str, limits: RuleLimits, fail: Any) -> None:

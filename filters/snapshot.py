@@ -42,14 +42,16 @@ class Decision:
 
     ``kind`` is ``baseline``, ``sandbox`` (steal) or ``mirror`` (baseline answers, a copy
     goes to ``destination``); ``upstream_protocol`` is the route's (empty: the listener's
-    applies, as it always does for baseline).
+    applies, as it always does for baseline). A sandbox or mirror decision whose
+    ``destination`` is None is a tunnel route with no local process attached: its fallback
+    applies at once. ``tunnel`` names the tunnel of a tunnel route (empty otherwise).
     """
 
-    __slots__ = ("kind", "session_id", "destination", "mode", "fallback", "service", "upstream_protocol")
+    __slots__ = ("kind", "session_id", "destination", "mode", "fallback", "service", "upstream_protocol", "tunnel")
 
     def __init__(self, kind: str, session_id: str | None = None, destination: Address | None = None,
                  mode: str | None = None, fallback: str | None = None, service: str | None = None,
-                 upstream_protocol: str = "") -> None:
+                 upstream_protocol: str = "", tunnel: str = "") -> None:
         self.kind = kind
         self.session_id = session_id
         self.destination = destination
@@ -57,6 +59,7 @@ class Decision:
         self.fallback = fallback
         self.service = service
         self.upstream_protocol = upstream_protocol
+        self.tunnel = tunnel
 
     def __repr__(self) -> str:
         if self.kind == "baseline":
@@ -67,14 +70,19 @@ class Decision:
         """JSON form for ``/explain`` and logs."""
         if self.kind == "baseline":
             return {"kind": "baseline"}
-        return {
+        out: dict[str, Any] = {
             "kind": self.kind,
             "session": self.session_id,
-            "destination": str(self.destination),
+            "destination": "tunnel (local process disconnected)" if self.destination is None
+            else str(self.destination),
             "mode": self.mode,
             "fallback": self.fallback,
             "upstream_protocol": self.upstream_protocol or None,  # None: the listener's
         }
+        if self.destination is None or self.tunnel:
+            out["tunnel"] = self.tunnel or None
+            out["tunnel_connected"] = self.destination is not None
+        return out
 
 
 BASELINE = Decision("baseline")
@@ -90,7 +98,7 @@ class _Entry:
         self.route = route
         kind = "mirror" if route.mode == "mirror" else "sandbox"
         self.decision = Decision(kind, session.id, route.destination, route.mode, route.fallback, route.service,
-                                 route.upstream_protocol)
+                                 route.upstream_protocol, route.tunnel)
         self.match = route.match
         self.expires_at = math.inf if session.expires_at is None else session.expires_at
         self.rank = (-route.priority, session.created_at, session.id)

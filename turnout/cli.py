@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from controlplane import cli as controlplane_cli
 from dataplane import cli as dataplane_cli
+from remocal import cli as remocal_cli
 from turnout import inject
 from turnout.demo import explain_config, run_demo
 
@@ -21,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     dataplane_cli.add_commands(sub, explain_config)
     controlplane_cli.add_commands(sub)
+    remocal_cli.add_commands(sub)
     demo = sub.add_parser(
         "demo", help="run upstreams, the control plane and the proxy, and show every routing case",
         description="Start a baseline, a sandbox and a mirror-target upstream, the control plane, and the proxy "

@@ -20,6 +20,9 @@ from typing import Any, TextIO
 
 import yaml
 
+from filters.documents import load_yaml_all
+from filters.errors import ValidationError
+
 CONTAINER_NAME = "turnout"
 PROXY_PORT_NAME = "turnout-http"
 ADMIN_PORT_NAME = "turnout-admin"
@@ -279,12 +282,15 @@ def run_inject(source: str, options: InjectOptions, stdin: TextIO, stdout: TextI
         else:
             with open(source, encoding="utf-8") as f:
                 text = f.read()
-        documents = list(yaml.safe_load_all(text))
+        documents = load_yaml_all(text)
     except OSError as exc:
         stderr.write(f"turnout inject: cannot read {source}: {exc.strerror}\n")
         return 2
     except yaml.YAMLError as exc:
         stderr.write(f"turnout inject: {source} is not valid YAML: {exc}\n")
+        return 2
+    except ValidationError as exc:  # a number too long to convert
+        stderr.write(f"turnout inject: {source}: {exc}\n")
         return 2
     try:
         result = inject_documents(documents, options)

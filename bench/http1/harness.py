@@ -165,8 +165,9 @@ class Harness:
         upstreams = proxy.upstreams
         runtime = proxy.runtime
         for port in (BASELINE_PORT, SANDBOX_PORT):
-            address = config.snapshot.sessions[0].routes[0].destination
-            address = type(address)(address.host, port)
+            destination = config.snapshot.sessions[0].routes[0].destination
+            assert destination is not None
+            address = type(destination)(destination.host, port)
             for _ in range(connections):
                 conn = H1Client(upstreams, address, runtime.limits, runtime.codec)
                 up_transport = FakeTransport(("127.0.0.1", port))

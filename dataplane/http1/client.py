@@ -30,6 +30,9 @@ if TYPE_CHECKING:
     from filters import Address
 
 _IDLE, _HEAD, _BODY, _TUNNEL, _CLOSED = range(5)
+# Bytes a new connection may receive before its first request is written (an HTTP/2
+# server's SETTINGS frame is a few dozen); more than this and the connection is dropped.
+_EARLY_BYTES_MAX: Final = 1024
 # Methods whose requests mean nothing by a body: no "content-length: 0" when they have none.
 _BODILESS: Final = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS", b"TRACE", b"CONNECT"})
 # Never sent on HTTP/1.1 from an HTTP/2 request: te is hop-by-hop here, cookies are joined.
@@ -39,6 +42,8 @@ _SWITCHED_UNASKED: Final = "upstream switched protocols unasked"
 
 class H1Owner(Protocol):
     """Where a connection reports that it is free for another request, or closed."""
+
+    loop: asyncio.AbstractEventLoop
 
     def release(self, conn: H1Client) -> None:
         """The connection finished a request cleanly and may be reused."""
@@ -61,8 +66,12 @@ class H1Client(UpstreamStream):
         self.reused = False  # carried an earlier request: the peer may have closed it meanwhile
         self.idle_since = 0.0
         self.got_bytes = False  # any byte of the current response
+        self._fresh = True  # no request written yet
         self._phase = _IDLE
-        self._buf = b""
+        # A response head not complete yet: appended to in place, so a head arriving in many
+        # small reads costs time linear in its length.
+        self._buf = bytearray()
+        self._scanned = 0  # how much of _buf find_head_end has examined already
         self._decoder: Decoder | None = None
         self._method = b"GET"
         self._websocket = False
@@ -102,10 +111,19 @@ class H1Client(UpstreamStream):
             return
         if phase == _HEAD:
             self.got_bytes = True
-            self._buf = self._buf + data if self._buf else data
-            self._parse_head()
+            if self._buf:
+                self._buf += data
+                self._parse_head(self._buf)
+            else:
+                self._parse_head(data)  # the usual case: the whole head in one read, never copied
         elif phase == _TUNNEL:
             self._deliver(data)
+        elif phase == _IDLE and self._fresh and (self._buf or data)[0] == 0 and (
+                len(self._buf) + len(data) <= _EARLY_BYTES_MAX):
+            # Before the first request: an HTTP/2-only server speaks first (its SETTINGS frame,
+            # whose length starts with a zero byte; an HTTP/1.1 answer starts with "H"). Kept,
+            # so the request that follows learns it reached the wrong protocol.
+            self._buf += data
         else:
             self.cancel()  # unsolicited bytes on an idle connection: it is out of step
 
@@ -173,7 +191,11 @@ class H1Client(UpstreamStream):
         self._method = method
         self._websocket = request.websocket
         self._phase = _HEAD
-        self._buf = b""
+        early = bytes(self._buf) if self._fresh else b""
+        self._fresh = False
+        if self._buf:
+            self._buf = bytearray()
+        self._scanned = 0
         self._keep_alive = True
         self.got_bytes = False
         self._unacked = 0
@@ -195,6 +217,10 @@ class H1Client(UpstreamStream):
                              framing))
         assert self.transport is not None
         self.transport.write(head)
+        if early:
+            self._buf += early
+            self.got_bytes = True
+            self.owner.loop.call_soon(self._parse_head, self._buf)  # after the caller holds the stream
         return self
 
     def release(self) -> None:
@@ -263,18 +289,21 @@ class H1Client(UpstreamStream):
 
     # ------------------------------------------------------------------ response parsing
 
-    def _parse_head(self) -> None:
+    def _parse_head(self, buf: bytes | bytearray) -> None:
+        """Read the response heads at the start of ``buf``: the bytes just received, or ``_buf``."""
         limits = self.limits
         while self._phase == _HEAD:
-            buf = self._buf
             try:
-                end = find_head_end(buf, 0, limits.max_head_bytes, "response")
+                end = find_head_end(buf, 0, limits.max_head_bytes, "response", 0, self._scanned)
                 if end == -1:
                     if _looks_like_http2(buf):
                         # Its SETTINGS frame came first: it will never answer in HTTP/1.1.
                         raise HttpError(502, "no HTTP/1.1 response", "upstream_bad_head")
+                    if isinstance(buf, bytes):
+                        self._buf += buf
+                    self._scanned = len(self._buf)
                     return
-                head = buf[:end]
+                head = buf[:end] if isinstance(buf, bytes) else bytes(buf[:end])
                 check_head(head, limits.max_header_count, limits.max_request_line_bytes, "response")
                 response = plan_response(self.codec.parse_response(head), self._method)
             except HttpError as exc:
@@ -284,8 +313,12 @@ class H1Client(UpstreamStream):
                 else:
                     self._fail(exc.status, exc.reason, exc.cause, SENT)
                 return
-            rest = buf[end:]
-            self._buf = b""
+            if isinstance(buf, bytes):
+                rest = buf[end:]
+            else:  # held in _buf: copied out, and _buf starts over
+                rest = bytes(buf[end:])
+                self._buf = bytearray()
+                self._scanned = 0
             listener = self.listener
             assert listener is not None
             status = response.status
@@ -301,7 +334,7 @@ class H1Client(UpstreamStream):
                         self._deliver(rest)
                     return
                 listener.on_informational(status)
-                self._buf = rest
+                buf = rest
                 continue
             body = response.body
             length = response.content_length if body == BODY_LENGTH else 0
@@ -391,7 +424,7 @@ def _from_http2(request: Request, fields: Fields, extra_lines: bytes, framing: b
     return b"".join(lines)
 
 
-def _looks_like_http2(buf: bytes) -> bool:
+def _looks_like_http2(buf: bytes | bytearray) -> bool:
     # An HTTP/2-only server answers an HTTP/1.1 request with its SETTINGS frame (type 4 on
     # stream 0), often followed by a GOAWAY; an HTTP/1.1 response starts with "HTTP/".
     return len(buf) >= 9 and not buf.startswith(b"HTTP/") and buf[3] == 4 and buf[5:9] == b"\0\0\0\0"

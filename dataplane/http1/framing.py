@@ -102,7 +102,9 @@ class ChunkedDecoder:
                  status: int = 400) -> None:
         self._state = _SIZE
         self._left = 0
-        self._line = b""
+        # A partial size, CRLF or trailer line: appended to in place, so a line arriving a
+        # byte at a time costs time linear in its length.
+        self._line = bytearray()
         self._trailers: list[tuple[bytes, bytes]] = []
         self._trailer_bytes = 0
         self._max_line = max_line_bytes
@@ -131,14 +133,18 @@ class ChunkedDecoder:
                 if self._left == 0:
                     self._state = _DATA_CRLF
             elif state == _DATA_CRLF:
-                need = 2 - len(self._line)
-                got = data[pos : pos + need]
-                self._line += got
-                pos += len(got)
+                if not self._line and end - pos >= 2:  # the usual case: both bytes at hand
+                    if data[pos] != 13 or data[pos + 1] != 10:
+                        raise self._fail("missing CRLF after chunk data")
+                    pos += 2
+                    self._state = _SIZE
+                    continue
+                self._line += data[pos : pos + 1]
+                pos += 1
                 if len(self._line) == 2:
                     if self._line != b"\r\n":
                         raise self._fail("missing CRLF after chunk data")
-                    self._line = b""
+                    self._line.clear()
                     self._state = _SIZE
                 elif self._line != b"\r":
                     raise self._fail("missing CRLF after chunk data")
@@ -151,8 +157,12 @@ class ChunkedDecoder:
                     if len(self._line) > (self._max_line if state == _SIZE else self._max_trailer):
                         raise self._fail("chunk size line too long" if state == _SIZE else "trailers too large")
                     return b""
-                line = self._line + data[pos : nl + 1]
-                self._line = b""
+                if self._line:
+                    self._line += data[pos : nl + 1]
+                    line = bytes(self._line)
+                    self._line.clear()
+                else:
+                    line = data[pos : nl + 1]
                 pos = nl + 1
                 if state == _SIZE:
                     self._size_line(line)

@@ -37,16 +37,20 @@ def skip_leading_crlf(buf: bytes | bytearray, pos: int) -> int:
 
 
 def find_head_end(buf: bytes | bytearray, pos: int, max_head_bytes: int, what: str = "request",
-                  max_start_line_bytes: int = 0) -> int:
+                  max_start_line_bytes: int = 0, scanned: int = 0) -> int:
     """Index just past the head's blank line, or -1 when more bytes are needed.
 
     Raises ``HttpError`` for a head over ``max_head_bytes`` (431 for requests, 502 for
-    responses) and for a bare LF, which would otherwise leave the head unterminated.
+    responses) and for a bare CR or LF, which would otherwise leave the head unterminated.
+    ``scanned`` is how long ``buf`` was when an earlier call on the same head returned -1:
+    only the bytes after it (and the three before, a CRLF CRLF may straddle) are examined
+    again, so a head arriving in many small reads costs time linear in its length.
     """
     if max_start_line_bytes and what == "request" and len(buf) - pos > max_start_line_bytes + 1 and (
+            scanned - pos <= max_start_line_bytes + 1) and (
             buf.find(b"\r\n", pos, pos + max_start_line_bytes + 2) == -1):
         raise HttpError(414, "request line too long", "uri_too_long")
-    end = buf.find(b"\r\n\r\n", pos)
+    end = buf.find(b"\r\n\r\n", pos if scanned - 3 <= pos else scanned - 3)
     if end != -1:
         end += 4
         if end - pos > max_head_bytes:
@@ -54,9 +58,10 @@ def find_head_end(buf: bytes | bytearray, pos: int, max_head_bytes: int, what: s
         return end
     if len(buf) - pos > max_head_bytes:
         raise _too_large(what)
-    if _BARE_CR.search(buf, pos) is not None:
+    # A CR last in the earlier bytes was not known to be bare yet; LFs there were checked.
+    if _BARE_CR.search(buf, pos if scanned - 1 <= pos else scanned - 1) is not None:
         raise HttpError(400 if what == "request" else 502, "bare CR in message head", "bad_line_ending")
-    lf = buf.find(b"\n", pos)
+    lf = buf.find(b"\n", pos if scanned <= pos else scanned)
     while lf != -1:
         if lf == pos or buf[lf - 1] != 13:
             raise HttpError(400 if what == "request" else 502, "bare LF in message head", "bad_line_ending")

@@ -65,7 +65,10 @@ class H1Server(Downstream):
         self.exchange: Exchange | None = None
         self.request: Request | None = None
         self.deadline = Deadline(router.loop, self._deadline_reached)
-        self._buf = b""
+        # A head not complete yet, or the next pipelined request: appended to in place, so a
+        # head arriving in many small reads costs time linear in its length.
+        self._buf = bytearray()
+        self._scanned = 0  # how much of _buf find_head_end has examined already
         self._decoder: Decoder | None = None
         self._read_pauses = 0  # how many reasons there are not to read the client
         self._pipeline_paused = False
@@ -119,8 +122,11 @@ class H1Server(Downstream):
         elif phase == _HEAD:
             first_bytes = self._idle
             self._idle = False
-            self._buf = self._buf + data if self._buf else data
-            self._read_heads()
+            if self._buf:
+                self._buf += data
+                self._read_heads(self._buf)
+            else:
+                self._read_heads(data)  # the usual case: the whole head in one read, never copied
             if first_bytes and self.phase == _HEAD and not self._idle:
                 # The head is not complete: it must be, header_read_timeout_s after its first byte.
                 self.deadline.move(self.limits.header_read_timeout_s)
@@ -190,32 +196,41 @@ class H1Server(Downstream):
 
     def _buffer(self, data: bytes) -> None:
         # Bytes of the next pipelined request, held until the current exchange ends.
-        self._buf = self._buf + data if self._buf else data
+        self._buf += data
         if not self._pipeline_paused and len(self._buf) > self.limits.pipeline_buffer_bytes:
             self._pipeline_paused = True
             self._pause()
 
-    def _read_heads(self) -> None:
+    def _read_heads(self, buf: bytes | bytearray) -> None:
+        """Read the head at the start of ``buf``: the bytes just received, or ``_buf``."""
         rt = self.rt = self.router.runtime  # a new request: the runtime current now
         limits = self.limits = rt.limits
-        buf = self._buf
         try:
             pos = skip_leading_crlf(buf, 0) if buf.startswith(b"\r\n") else 0
-            end = find_head_end(buf, pos, limits.max_head_bytes, "request", limits.max_request_line_bytes)
+            end = find_head_end(buf, pos, limits.max_head_bytes, "request", limits.max_request_line_bytes,
+                                self._scanned)
             if end == -1:
-                if pos:
-                    self._buf = buf[pos:]
+                if isinstance(buf, bytes):
+                    self._buf += buf[pos:] if pos else buf
+                elif pos:
+                    del buf[:pos]
+                self._scanned = len(self._buf)
                 return
-            head = buf[pos:end]
+            head = buf[pos:end] if isinstance(buf, bytes) else bytes(buf[pos:end])
             check_head(head, limits.max_header_count, limits.max_request_line_bytes)
             request = plan_request(rt.codec.parse_request(head))
         except HttpError as exc:
-            self._buf = b""
+            self._buf = bytearray()
+            self._scanned = 0
             self.router.metrics.downstream_error(exc.cause)
             self._refuse(exc.status, exc.reason, exc.cause)
             return
-        self._buf = b""
-        rest = buf[end:]
+        if isinstance(buf, bytes):
+            rest = buf[end:]
+        else:  # held in _buf: copied out, and _buf starts over
+            rest = bytes(buf[end:])
+            self._buf = bytearray()
+            self._scanned = 0
         self._start(request)
         if rest:
             if self.phase == _BODY:
@@ -381,8 +396,8 @@ class H1Server(Downstream):
         """The upstream accepted a WebSocket upgrade: bytes now flow both ways untouched."""
         self.phase = _TUNNEL
         self.deadline.move(self.limits.keepalive_idle_timeout_s)
-        rest = self._buf
-        self._buf = b""
+        rest = bytes(self._buf)
+        self._buf = bytearray()
         if rest and self.exchange is not None:
             self._body(rest)
 
@@ -418,7 +433,7 @@ class H1Server(Downstream):
         if self._buf:
             self._idle = False
             self.deadline.move(self.limits.header_read_timeout_s)
-            self._read_heads()
+            self._read_heads(self._buf)
 
     def _refuse(self, status: int, reason: str, cause: str) -> None:
         """Answer a request refused before routing, then close (lingering)."""

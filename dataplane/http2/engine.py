@@ -10,8 +10,8 @@ arbitrary frames). Header blocks are coded by turnout's HPACK (``hpack.py``).
 What it does not do, because turnout's connection classes do it (``server.py``,
 ``upstream.py``): count concurrent streams (the server refuses the excess with
 REFUSED_STREAM itself), validate request heads (a malformed request is a stream error
-decided with the routing), and the abuse accounting of HARDENING.md. What it checks
-itself: frame sizes and layout, stream-state rules, both directions' flow-control
+decided with the routing), and the abuse accounting (resets, pings, settings floods;
+see docs/hardening.md). What it checks itself: frame sizes and layout, stream-state rules, both directions' flow-control
 windows, SETTINGS values, the CONTINUATION sequence and its size, header-block coding,
 and, on the client side, response heads and their content-length (stream errors).
 
@@ -44,6 +44,9 @@ _DEFAULT_WINDOW: Final = 65535
 _DEFAULT_FRAME_SIZE: Final = 16384
 _MAX_FRAME_SIZE: Final = 2**24 - 1
 MAX_STREAM_ID: Final = 2**31 - 1
+# A content-length of more digits is no body anyone will carry (10**18 bytes is an exabyte),
+# and int() refuses more than 4,300 digits outright.
+MAX_LENGTH_DIGITS: Final = 18
 # At most this many frames (HEADERS and its CONTINUATIONs) carry one header block, as h2
 # allowed: the size limit alone would let empty CONTINUATION frames pile up without end.
 _CONTINUATION_BACKLOG: Final = 64
@@ -933,7 +936,8 @@ def _content_length(headers: Headers) -> int:
     for header in headers:
         if header[0] == b"content-length":
             value = header[1]
-            if not value.isdigit() or (length != -1 and int(value) != length):
+            # Bounded before int(), which refuses more than 4,300 digits with a ValueError.
+            if len(value) > MAX_LENGTH_DIGITS or not value.isdigit() or (length != -1 and int(value) != length):
                 return -2
             length = int(value)
     return length

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Final
 from dataplane.deadline import Deadline
 from dataplane.http2.engine import (
     CONNECTION_SPECIFIC,
+    MAX_LENGTH_DIGITS,
     MAX_STREAM_ID,
     ConnectionTerminated,
     DataReceived,
@@ -51,9 +52,6 @@ if TYPE_CHECKING:
 
 _PSEUDO: Final = frozenset({b":method", b":scheme", b":authority", b":path"})
 _GRPC_CONTENT_TYPE: Final = b"application/grpc"
-# Content-length digits beyond this are no body any proxy will carry (and more than 4,300
-# digits are more than int() converts at all).
-_MAX_LENGTH_DIGITS: Final = 18
 
 
 class _Malformed(Exception):
@@ -517,7 +515,7 @@ def _parse_request(headers: Headers, ended: bool) -> tuple[Request, int]:
                 or (name == b"te" and value != b"trailers")):
             raise _Malformed
         if name == b"content-length":
-            if content_length != -1 or not value.isdigit() or len(value) > _MAX_LENGTH_DIGITS:
+            if content_length != -1 or not value.isdigit() or len(value) > MAX_LENGTH_DIGITS:
                 raise _Malformed
             content_length = int(value)
             continue  # framing is the upstream client's to write

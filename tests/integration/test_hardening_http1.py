@@ -1,4 +1,4 @@
-"""HARDENING.md, HTTP/1.1 rows: malformed and ambiguous requests against the real proxy.
+"""HTTP/1.1 bad input (docs/hardening.md): malformed and ambiguous requests against the real proxy.
 
 Every case runs over both codecs (the ``stack`` fixture is parametrized) and checks two
 sides: what the client got (status, a body and ``x-turnout-error`` naming the problem,
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import socket
 import threading
@@ -290,9 +291,9 @@ def test_duplicate_identical_content_lengths_are_refused_by_both_codecs(stack: S
 
 
 @pytest.mark.parametrize("value", [
-    b"+1", b"-1", b"0x1", b"1_0", b"1 0", b"9" * 25, b"1.0", b"1e3", b"", b"\xd9\xa1",
-], ids=["plus", "minus", "hex", "underscore", "inner-space", "25-digits", "decimal", "exponent", "empty",
-        "arabic-digit"])
+    b"+1", b"-1", b"0x1", b"1_0", b"1 0", b"9" * 25, b"1" * 4301, b"1.0", b"1e3", b"", b"\xd9\xa1",
+], ids=["plus", "minus", "hex", "underscore", "inner-space", "25-digits", "4301-digits", "decimal", "exponent",
+        "empty", "arabic-digit"])
 def test_invalid_content_length_is_refused(stack: Stack, value: bytes) -> None:
     request = (b"POST /cl HTTP/1.1\r\nHost: a\r\nContent-Length: " + value + b"\r\n\r\n"
                b"AGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n")
@@ -351,9 +352,11 @@ def _chunked(body: bytes, tail: bytes = b"GET /smuggled HTTP/1.1\r\nHost: a\r\n\
     b"1;" + b"e" * 5000 + b"\r\nA\r\n0\r\n\r\n",
     b"1\r\nA\r\n0\r\nX-Folded: a\r\n b\r\n\r\n",
     b"1\r\nA\r\n0\r\nX-Bad\x01: a\r\n\r\n",
+    b"0" * 4000 + b"1\r\nA\r\n0\r\n\r\n",
+    b"1" * 4301 + b"\r\nA\r\n0\r\n\r\n",
 ], ids=["hex-prefix", "trailing-space", "leading-space", "minus", "plus", "20-hex-digits", "lf-only",
         "lf-only-last-chunk", "empty-size-line", "ext-bare-lf", "ext-quoted-lf", "ext-space", "nul",
-        "size-line-too-long", "trailer-obs-fold", "trailer-control-char"])
+        "size-line-too-long", "trailer-obs-fold", "trailer-control-char", "4000-leading-zeros", "4301-digits"])
 def test_invalid_chunked_body_is_refused(stack: Stack, body: bytes) -> None:
     watch = Watch(stack)
     assert_rejected(send(stack.port, _chunked(body)), 400, r"chunk|trailer")
@@ -975,3 +978,79 @@ def test_upstream_101_to_an_h2c_upgrade_never_reaches_the_client(scripted: Scrip
     assert b"injected" not in data, data
     assert [r.status for r in responses[1:]] in ([], [200]), data
     assert b"/switch" in up.all_raw()
+
+
+# --------------------------------------------------------------------------- slow input
+
+# One byte per send, this far apart: the proxy keeps up, so each read brings it one byte,
+# as from a client trickling on purpose (a faster sender only makes reads bigger).
+_TRICKLE_GAP_S = 50e-6
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user and system) a process has used so far (``/proc/PID/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _trickle(port: int, data: bytes) -> Outcome:
+    """Send ``data`` one byte per send (no Nagle), then read until the proxy closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for i in range(len(data)):
+            s.send(data[i : i + 1])
+            time.sleep(_TRICKLE_GAP_S)
+        return _read_until_close(s, 30.0)
+
+
+def _chunked_body(size: int) -> bytes:
+    """A chunked body of about ``size`` bytes: small chunks with extensions, and trailers."""
+    chunks = b"".join(b"%x;ext=%d\r\n" % (10, i) + b"0123456789\r\n" for i in range(size // 24))
+    return chunks + b"0\r\nx-trailer-one: " + b"t" * 200 + b"\r\nx-trailer-two: 2\r\n\r\n"
+
+
+def _post(head_bytes: int, body_bytes: int, close: bool = False) -> bytes:
+    """A chunked POST whose head is about ``head_bytes`` long (fields of 600 bytes)."""
+    start = b"POST /trickle HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n" + (CLOSE if close else b"")
+    fields = b"".join(b"x-filler-%03d: " % i + b"f" * 584 + b"\r\n" for i in range(head_bytes // 600))
+    return start + fields + b"\r\n" + _chunked_body(body_bytes)
+
+
+def test_a_trickled_head_and_body_cost_cpu_linear_in_their_bytes(tmp_path: Path) -> None:
+    # A 59 KB head and a chunked body arriving one byte per read, against the same number of
+    # bytes as small requests arriving the same way: each read costs the same whatever came
+    # before it, so the big request may cost no more than twice as much. Scanning the whole
+    # head again on every read (and copying it to append) cost ten times as much and more.
+    up = RecordingUpstream("trickle")
+    listener = inbound("in", free_port(), "svc", up.address)
+    config = {"listeners": [listener], "limits": {"header_read_timeout_s": 60.0, "body_idle_timeout_s": 60.0,
+                                                  "max_header_count": 200}}
+    try:
+        with running_proxy(config, tmp_path) as proxy:
+            pid = proxy.process.pid
+            big = _post(59 * 1000, 2000, close=True)
+            small = _post(600, 100)
+            count = len(big) // len(small)
+            many = small * (count - 1) + _post(600, 100, close=True)
+            # Sent whole first: both are served, and what that costs is on record.
+            whole_s = []
+            for data, n in ((big, 1), (many, count)):
+                before = _cpu_s(pid)
+                for _ in range(10):
+                    out = send(proxy.port, data, timeout_s=30.0)
+                    assert [r.status for r in out.responses()] == [200] * n, out.data[-300:]
+                whole_s.append((_cpu_s(pid) - before) / 10)
+            before = _cpu_s(pid)
+            out = _trickle(proxy.port, many)
+            small_s = _cpu_s(pid) - before
+            assert [r.status for r in out.responses()] == [200] * count, out.data[-300:]
+            before = _cpu_s(pid)
+            out = _trickle(proxy.port, big)
+            big_s = _cpu_s(pid) - before
+            assert [r.status for r in out.responses()] == [200], out.data[-300:]
+            print(f"\n{len(big)} bytes trickled: as one request {big_s:.3f} s of CPU, as {count} requests "
+                  f"{small_s:.3f} s; sent whole {whole_s[0]:.4f} s and {whole_s[1]:.4f} s")
+            assert big_s <= 2 * small_s + 0.05, (big_s, small_s)
+            assert "Traceback" not in proxy.log()
+    finally:
+        up.stop()

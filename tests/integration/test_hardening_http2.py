@@ -1,4 +1,4 @@
-"""HARDENING.md's HTTP/2 rows, with the h2 library (and raw frames) as the abusive client.
+"""HTTP/2 bad input (docs/hardening.md), with the h2 library (and raw frames) as the abusive client.
 
 Every test ends by checking that a second, well-behaved client is served by the same proxy.
 """
@@ -207,6 +207,27 @@ def test_malformed_request_is_a_stream_error_and_the_connection_lives(hard: H2St
         assert c.reset_code(bad) == h2.errors.ErrorCodes.PROTOCOL_ERROR
     finally:
         c.close()
+
+
+def test_content_length_too_long_to_convert_is_a_stream_error(hard: H2Stack) -> None:
+    # 4,301 digits are more than Python's int() converts: once a ValueError that closed the
+    # connection with nothing sent and logged a traceback per request (RFC 9113 §8.1.1: a
+    # malformed request is a stream error of type PROTOCOL_ERROR).
+    c = H2Client(hard.port)
+    try:
+        c.conn.config.validate_outbound_headers = False
+        bad = c.request("/x", "POST", body=b"abc", extra=[("content-length", "1" * 4301)])
+        good = c.request("/ok")
+        headers, _ = c.response(good)
+        assert headers[b":status"] == b"200"
+        assert c.reset_code(bad) == h2.errors.ErrorCodes.PROTOCOL_ERROR
+        assert c.goaway() is None
+        again = c.request("/ok")  # the connection still serves
+        assert c.response(again)[0][b":status"] == b"200"
+    finally:
+        c.close()
+    log = hard.proxy.log()
+    assert "Traceback" not in log and "Fatal error" not in log, log[-2000:]
 
 
 def test_many_streams_in_turn_on_one_connection(hard: H2Stack) -> None:

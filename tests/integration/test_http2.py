@@ -67,7 +67,8 @@ class H2Upstream:
     flow-control window stays shut); ``/freeze`` makes the connection go silent, PINGs
     included; ``/bad-head`` answers a head with a connection-specific field and
     ``/short-body`` a body shorter than its content-length (both malformed, RFC 9113 §8.1.1,
-    §8.2.2); anything else echoes the request as JSON.
+    §8.2.2), ``/huge-length`` a content-length of 4,301 digits (more than Python's int()
+    converts); anything else echoes the request as JSON.
     """
 
     def __init__(self, label: str, max_streams: int | None = None) -> None:
@@ -190,6 +191,10 @@ class _H2ServerProtocol(asyncio.Protocol):
             return
         if path == b"/bad-head":
             self.conn.send_headers(stream_id, [(b":status", b"200"), (b"connection", b"close")], end_stream=True)
+            return
+        if path == b"/huge-length":
+            self.conn.send_headers(stream_id, [(b":status", b"200"), (b"content-length", b"1" * 4301)])
+            self.conn.send_data(stream_id, b"ok", end_stream=True)
             return
         if path == b"/short-body":
             self.conn.send_headers(stream_id, [(b":status", b"200"), (b"content-length", b"10")])
@@ -474,6 +479,24 @@ def test_malformed_upstream_responses_are_stream_errors_and_the_upstream_connect
     ok = client.request("/")
     assert client.response(ok)[0][b":status"] == b"200"
     assert hstack.baseline.connections == connections
+
+
+def test_upstream_content_length_too_long_to_convert_is_a_502_and_the_connection_lives(
+        hstack: H2Stack, client: H2Client) -> None:
+    # 4,301 digits: int() refuses them with a ValueError, which once escaped the upstream
+    # connection ("Fatal error on transport") and took its other streams along.
+    warm = client.request("/")
+    assert client.response(warm)[0][b":status"] == b"200"
+    connections = hstack.baseline.connections
+    headers, body = client.response(client.request("/huge-length"))
+    assert headers[b":status"] == b"502"
+    assert headers[b"x-turnout-error"] == b"upstream_reset"
+    assert body == b"upstream reset the stream\n"
+    ok = client.request("/")
+    assert client.response(ok)[0][b":status"] == b"200"
+    assert hstack.baseline.connections == connections
+    log = hstack.proxy.log()
+    assert "Traceback" not in log and "Fatal error" not in log, log[-2000:]
 
 
 @pytest.mark.parametrize("bad", [

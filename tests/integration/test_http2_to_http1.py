@@ -313,7 +313,7 @@ def test_sandbox_down_with_fallback_error_names_the_session(stack: Stack, client
 
 
 def test_a_content_length_lie_is_never_downgraded_into_a_second_http1_request(stack: Stack, client: H2Client) -> None:
-    # HARDENING: CL != DATA total is a stream error, never an HTTP/1.1 request smuggled upstream.
+    # CL != DATA total is a stream error, never an HTTP/1.1 request smuggled upstream.
     smuggled = b"hello" + b"GET /smuggled HTTP/1.1\r\nhost: users\r\n\r\n"
     conn = client.conn
     stream = conn.get_next_available_stream_id()

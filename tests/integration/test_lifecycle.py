@@ -851,6 +851,16 @@ def test_check_config_reports_unreadable_and_non_yaml_files(tmp_path: Path) -> N
     assert "Traceback" not in missing.stderr + garbage.stderr
 
 
+def test_check_config_names_a_number_too_long_to_convert(tmp_path: Path) -> None:
+    # 5,000 digits: YAML's loader hands them to int(), which refuses more than 4,300 with a
+    # ValueError that once ended check-config (and the proxy's start) in a traceback.
+    path = _write(tmp_path, "long.yaml", "limits:\n  max_head_bytes: " + "9" * 5000 + "\nlisteners: []\n")
+    out = run_cli("check-config", str(path))
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert "limits.max_head_bytes" in out.stderr and "5000 characters" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_check_config_refuses_an_admin_address_shared_with_a_listener(tmp_path: Path) -> None:
     port = free_port()
     path = _write(tmp_path, "clash.yaml", {"admin": {"address": f"127.0.0.1:{port}"},

@@ -527,6 +527,7 @@ BAD_RESPONSES = {
     "cl_list": b"HTTP/1.1 200 OK\r\ncontent-length: 2, 3\r\n\r\nokk",
     "cl_plus_sign": b"HTTP/1.1 200 OK\r\ncontent-length: +2\r\n\r\nok",
     "cl_hex": b"HTTP/1.1 200 OK\r\ncontent-length: 0x2\r\n\r\nok",
+    "cl_4301_digits": b"HTTP/1.1 200 OK\r\ncontent-length: " + b"1" * 4301 + b"\r\n\r\nok",
     "te_not_chunked": b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\nok",
     "te_chunked_then_identity": b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, identity\r\n\r\nok",
     "two_te": b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
@@ -540,6 +541,7 @@ BAD_RESPONSES = {
     "bare_lf_one_line": b"HTTP/1.1 200 OK\r\nx-a: b\ncontent-length: 2\r\n\r\nok",
     "status_line_no_code": b"HTTP/1.1 OK\r\ncontent-length: 2\r\n\r\nok",
     "status_code_four_digits": b"HTTP/1.1 2000 OK\r\ncontent-length: 2\r\n\r\nok",
+    "status_code_4301_digits": b"HTTP/1.1 " + b"2" * 4301 + b" OK\r\ncontent-length: 2\r\n\r\nok",
     "status_line_http2": b"HTTP/2 200\r\ncontent-length: 2\r\n\r\nok",
     "status_line_lowercase": b"http/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
     "not_http_at_all": b"SSH-2.0-OpenSSH_9.6\r\n\r\n",
@@ -568,10 +570,12 @@ def test_malformed_response_is_502_and_that_connection_is_not_reused(rig: Rig, c
         assert up.accepted == 2, up.heads
 
 
-def test_malformed_chunked_body_after_head_cuts_the_client_off(rig: Rig) -> None:
+@pytest.mark.parametrize("size", [b"0x8", b"0" * 4000 + b"8", b"8" * 4301],
+                         ids=["hex-prefix", "4000-leading-zeros", "4301-digits"])
+def test_malformed_chunked_body_after_head_cuts_the_client_off(rig: Rig, size: bytes) -> None:
     # The head was fine and has been relayed; the body framing breaks afterwards. The client
     # must see a broken response, never a well-formed one that ends where the garbage began.
-    bad = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0x8\r\nsmuggled\r\n0\r\n\r\n"
+    bad = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n" + size + b"\r\nsmuggled\r\n0\r\n\r\n"
     with raw_upstream(poisoned_first(bad)) as up:
         with Client(rig.out) as client:
             client.send(get(up.address, "/first"))

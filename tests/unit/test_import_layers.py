@@ -11,7 +11,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("filters", "dataplane", "controlplane", "turnout")
+PACKAGES = ("filters", "dataplane", "controlplane", "remocal", "turnout")
 
 
 def _module_name(path: Path) -> str:
@@ -112,6 +112,9 @@ def test_the_packages_point_one_way() -> None:
                 assert other != "controlplane", f"{name} imports {target}: the data plane never imports the other"
             if top == "controlplane":
                 assert other != "dataplane", f"{name} imports {target}: the control plane never imports the other"
+            if top in ("filters", "dataplane", "controlplane"):
+                # remocal (turnout connect and gateway) builds on the data and control planes, never the reverse.
+                assert other != "remocal", f"{name} imports {target}: remocal sits above the data and control planes"
 
 
 def test_the_request_path_points_down() -> None:

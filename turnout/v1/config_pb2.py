@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17turnout/v1/config.proto\x12\nturnout.v1\"b\n\x04Node\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63luster\x18\x02 \x01(\t\x12\x10\n\x08services\x18\x03 \x03(\t\x12\x14\n\x0c\x61ll_services\x18\x04 \x01(\x08\x12\x15\n\rbuild_version\x18\x05 \x01(\t\"\x8e\x01\n\x05Route\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x02 \x01(\t\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12\x10\n\x08\x66\x61llback\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x12\n\nmatch_json\x18\x06 \x01(\t\x12\x19\n\x11upstream_protocol\x18\x07 \x01(\t\"\xdc\x01\n\x07Session\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\x12/\n\x06labels\x18\x04 \x03(\x0b\x32\x1f.turnout.v1.Session.LabelsEntry\x12\x12\n\ncreated_at\x18\x05 \x01(\x01\x12\x12\n\nexpires_at\x18\x06 \x01(\x01\x12!\n\x06routes\x18\x07 \x03(\x0b\x32\x11.turnout.v1.Route\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"O\n\x08Resource\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12$\n\x07session\x18\x03 \x01(\x0b\x32\x13.turnout.v1.Session\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x8a\x01\n\x10\x44iscoveryRequest\x12\x1e\n\x04node\x18\x01 \x01(\x0b\x32\x10.turnout.v1.Node\x12\x14\n\x0cversion_info\x18\x02 \x01(\t\x12\x16\n\x0eresponse_nonce\x18\x03 \x01(\t\x12(\n\x0c\x65rror_detail\x18\x04 \x01(\x0b\x32\x12.turnout.v1.Status\"{\n\x11\x44iscoveryResponse\x12\x14\n\x0cversion_info\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\t\x12\'\n\tresources\x18\x03 \x03(\x0b\x32\x14.turnout.v1.Resource\x12\x18\n\x10\x63ontrol_plane_id\x18\x04 \x01(\t\"\x9c\x02\n\x15\x44\x65ltaDiscoveryRequest\x12\x1e\n\x04node\x18\x01 \x01(\x0b\x32\x10.turnout.v1.Node\x12\x61\n\x19initial_resource_versions\x18\x02 \x03(\x0b\x32>.turnout.v1.DeltaDiscoveryRequest.InitialResourceVersionsEntry\x12\x16\n\x0eresponse_nonce\x18\x03 \x01(\t\x12(\n\x0c\x65rror_detail\x18\x04 \x01(\x0b\x32\x12.turnout.v1.Status\x1a>\n\x1cInitialResourceVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa2\x01\n\x16\x44\x65ltaDiscoveryResponse\x12\x1b\n\x13system_version_info\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\t\x12\'\n\tresources\x18\x03 \x03(\x0b\x32\x14.turnout.v1.Resource\x12\x19\n\x11removed_resources\x18\x04 \x03(\t\x12\x18\n\x10\x63ontrol_plane_id\x18\x05 \x01(\t2\xc1\x01\n\x10SessionDiscovery\x12Q\n\x0eStreamSessions\x12\x1c.turnout.v1.DiscoveryRequest\x1a\x1d.turnout.v1.DiscoveryResponse(\x01\x30\x01\x12Z\n\rDeltaSessions\x12!.turnout.v1.DeltaDiscoveryRequest\x1a\".turnout.v1.DeltaDiscoveryResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17turnout/v1/config.proto\x12\nturnout.v1\"b\n\x04Node\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63luster\x18\x02 \x01(\t\x12\x10\n\x08services\x18\x03 \x03(\t\x12\x14\n\x0c\x61ll_services\x18\x04 \x01(\x08\x12\x15\n\rbuild_version\x18\x05 \x01(\t\"\x9e\x01\n\x05Route\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x02 \x01(\t\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12\x10\n\x08\x66\x61llback\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x12\n\nmatch_json\x18\x06 \x01(\t\x12\x19\n\x11upstream_protocol\x18\x07 \x01(\t\x12\x0e\n\x06tunnel\x18\x08 \x01(\t\"\xdc\x01\n\x07Session\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\x12/\n\x06labels\x18\x04 \x03(\x0b\x32\x1f.turnout.v1.Session.LabelsEntry\x12\x12\n\ncreated_at\x18\x05 \x01(\x01\x12\x12\n\nexpires_at\x18\x06 \x01(\x01\x12!\n\x06routes\x18\x07 \x03(\x0b\x32\x11.turnout.v1.Route\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"O\n\x08Resource\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12$\n\x07session\x18\x03 \x01(\x0b\x32\x13.turnout.v1.Session\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x8a\x01\n\x10\x44iscoveryRequest\x12\x1e\n\x04node\x18\x01 \x01(\x0b\x32\x10.turnout.v1.Node\x12\x14\n\x0cversion_info\x18\x02 \x01(\t\x12\x16\n\x0eresponse_nonce\x18\x03 \x01(\t\x12(\n\x0c\x65rror_detail\x18\x04 \x01(\x0b\x32\x12.turnout.v1.Status\"{\n\x11\x44iscoveryResponse\x12\x14\n\x0cversion_info\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\t\x12\'\n\tresources\x18\x03 \x03(\x0b\x32\x14.turnout.v1.Resource\x12\x18\n\x10\x63ontrol_plane_id\x18\x04 \x01(\t\"\x9c\x02\n\x15\x44\x65ltaDiscoveryRequest\x12\x1e\n\x04node\x18\x01 \x01(\x0b\x32\x10.turnout.v1.Node\x12\x61\n\x19initial_resource_versions\x18\x02 \x03(\x0b\x32>.turnout.v1.DeltaDiscoveryRequest.InitialResourceVersionsEntry\x12\x16\n\x0eresponse_nonce\x18\x03 \x01(\t\x12(\n\x0c\x65rror_detail\x18\x04 \x01(\x0b\x32\x12.turnout.v1.Status\x1a>\n\x1cInitialResourceVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa2\x01\n\x16\x44\x65ltaDiscoveryResponse\x12\x1b\n\x13system_version_info\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\t\x12\'\n\tresources\x18\x03 \x03(\x0b\x32\x14.turnout.v1.Resource\x12\x19\n\x11removed_resources\x18\x04 \x03(\t\x12\x18\n\x10\x63ontrol_plane_id\x18\x05 \x01(\t2\xc1\x01\n\x10SessionDiscovery\x12Q\n\x0eStreamSessions\x12\x1c.turnout.v1.DiscoveryRequest\x1a\x1d.turnout.v1.DiscoveryResponse(\x01\x30\x01\x12Z\n\rDeltaSessions\x12!.turnout.v1.DeltaDiscoveryRequest\x1a\".turnout.v1.DeltaDiscoveryResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,25 +38,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NODE']._serialized_start=39
   _globals['_NODE']._serialized_end=137
   _globals['_ROUTE']._serialized_start=140
-  _globals['_ROUTE']._serialized_end=282
-  _globals['_SESSION']._serialized_start=285
-  _globals['_SESSION']._serialized_end=505
-  _globals['_SESSION_LABELSENTRY']._serialized_start=460
-  _globals['_SESSION_LABELSENTRY']._serialized_end=505
-  _globals['_RESOURCE']._serialized_start=507
-  _globals['_RESOURCE']._serialized_end=586
-  _globals['_STATUS']._serialized_start=588
-  _globals['_STATUS']._serialized_end=627
-  _globals['_DISCOVERYREQUEST']._serialized_start=630
-  _globals['_DISCOVERYREQUEST']._serialized_end=768
-  _globals['_DISCOVERYRESPONSE']._serialized_start=770
-  _globals['_DISCOVERYRESPONSE']._serialized_end=893
-  _globals['_DELTADISCOVERYREQUEST']._serialized_start=896
-  _globals['_DELTADISCOVERYREQUEST']._serialized_end=1180
-  _globals['_DELTADISCOVERYREQUEST_INITIALRESOURCEVERSIONSENTRY']._serialized_start=1118
-  _globals['_DELTADISCOVERYREQUEST_INITIALRESOURCEVERSIONSENTRY']._serialized_end=1180
-  _globals['_DELTADISCOVERYRESPONSE']._serialized_start=1183
-  _globals['_DELTADISCOVERYRESPONSE']._serialized_end=1345
-  _globals['_SESSIONDISCOVERY']._serialized_start=1348
-  _globals['_SESSIONDISCOVERY']._serialized_end=1541
+  _globals['_ROUTE']._serialized_end=298
+  _globals['_SESSION']._serialized_start=301
+  _globals['_SESSION']._serialized_end=521
+  _globals['_SESSION_LABELSENTRY']._serialized_start=476
+  _globals['_SESSION_LABELSENTRY']._serialized_end=521
+  _globals['_RESOURCE']._serialized_start=523
+  _globals['_RESOURCE']._serialized_end=602
+  _globals['_STATUS']._serialized_start=604
+  _globals['_STATUS']._serialized_end=643
+  _globals['_DISCOVERYREQUEST']._serialized_start=646
+  _globals['_DISCOVERYREQUEST']._serialized_end=784
+  _globals['_DISCOVERYRESPONSE']._serialized_start=786
+  _globals['_DISCOVERYRESPONSE']._serialized_end=909
+  _globals['_DELTADISCOVERYREQUEST']._serialized_start=912
+  _globals['_DELTADISCOVERYREQUEST']._serialized_end=1196
+  _globals['_DELTADISCOVERYREQUEST_INITIALRESOURCEVERSIONSENTRY']._serialized_start=1134
+  _globals['_DELTADISCOVERYREQUEST_INITIALRESOURCEVERSIONSENTRY']._serialized_end=1196
+  _globals['_DELTADISCOVERYRESPONSE']._serialized_start=1199
+  _globals['_DELTADISCOVERYRESPONSE']._serialized_end=1361
+  _globals['_SESSIONDISCOVERY']._serialized_start=1364
+  _globals['_SESSIONDISCOVERY']._serialized_end=1557
 # @@protoc_insertion_point(module_scope)

@@ -21,7 +21,7 @@ class Node(_message.Message):
     def __init__(self, id: _Optional[str] = ..., cluster: _Optional[str] = ..., services: _Optional[_Iterable[str]] = ..., all_services: _Optional[bool] = ..., build_version: _Optional[str] = ...) -> None: ...
 
 class Route(_message.Message):
-    __slots__ = ("service", "destination", "mode", "fallback", "priority", "match_json", "upstream_protocol")
+    __slots__ = ("service", "destination", "mode", "fallback", "priority", "match_json", "upstream_protocol", "tunnel")
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     DESTINATION_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +29,7 @@ class Route(_message.Message):
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     MATCH_JSON_FIELD_NUMBER: _ClassVar[int]
     UPSTREAM_PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    TUNNEL_FIELD_NUMBER: _ClassVar[int]
     service: str
     destination: str
     mode: str
@@ -36,7 +37,8 @@ class Route(_message.Message):
     priority: int
     match_json: str
     upstream_protocol: str
-    def __init__(self, service: _Optional[str] = ..., destination: _Optional[str] = ..., mode: _Optional[str] = ..., fallback: _Optional[str] = ..., priority: _Optional[int] = ..., match_json: _Optional[str] = ..., upstream_protocol: _Optional[str] = ...) -> None: ...
+    tunnel: str
+    def __init__(self, service: _Optional[str] = ..., destination: _Optional[str] = ..., mode: _Optional[str] = ..., fallback: _Optional[str] = ..., priority: _Optional[int] = ..., match_json: _Optional[str] = ..., upstream_protocol: _Optional[str] = ..., tunnel: _Optional[str] = ...) -> None: ...
 
 class Session(_message.Message):
     __slots__ = ("id", "key", "owner", "labels", "created_at", "expires_at", "routes")

@@ -10,7 +10,7 @@ import json
 from collections.abc import Collection
 from typing import Any
 
-from filters import RuleLimits, Session, ValidationError, parse_session
+from filters import TUNNEL, RuleLimits, Session, ValidationError, parse_session
 from filters.errors import Problem
 from turnout.v1 import config_pb2
 
@@ -29,9 +29,9 @@ def session_to_proto(session: Session, services: Collection[str] | None = None) 
     )
     for route in routes:
         msg.routes.add(
-            service=route.service, destination=str(route.destination), mode=route.mode, fallback=route.fallback,
-            priority=route.priority,
-            upstream_protocol=route.upstream_protocol,
+            service=route.service, destination=TUNNEL if route.destination is None else str(route.destination),
+            mode=route.mode, fallback=route.fallback, priority=route.priority,
+            upstream_protocol=route.upstream_protocol, tunnel=route.tunnel,
             match_json="" if route.match is None else json.dumps(route.match.to_spec(), separators=(",", ":")),
         )
     return msg
@@ -54,6 +54,8 @@ def session_to_spec(msg: config_pb2.Session) -> dict[str, Any]:
                                       "mode": route.mode or "steal", "fallback": route.fallback or "baseline",
                                       "priority": route.priority,
                                       "upstream_protocol": route.upstream_protocol}
+        if route.tunnel:
+            route_spec["tunnel"] = route.tunnel
         if route.match_json:
             try:
                 route_spec["match"] = json.loads(route.match_json)

@@ -64,6 +64,29 @@ def test_invalid_lists_every_problem(control_plane: ControlPlane) -> None:
         assert response.status_code == 400 and response.json()["problems"][0]["field"] == "body"
 
 
+def test_numbers_too_long_to_convert_are_400_naming_the_field(control_plane: ControlPlane) -> None:
+    # 5,000 digits: Python's JSON decoder refuses more than 4,300 with a ValueError whose
+    # message is about sys.set_int_max_str_digits; the answer names the field instead.
+    digits = b"7" * 5000
+    with control_plane.client() as http:
+        response = http.post("/v1/sessions", headers={"content-type": "application/json"},
+                             content=b'{"key": "k", "priority": ' + digits + b', "routes": [{"service": "users", '
+                                     b'"destination": "10.0.0.5:8080"}]}')
+        assert response.status_code == 400, response.text
+        assert response.json()["problems"] == [
+            {"field": "session.priority", "reason": "a number of 5000 characters; numbers are at most 100"}]
+        assert http.post("/v1/sessions", json={"id": "long-1", "key": "long", "routes": [ROUTE]}).status_code == 201
+        response = http.post("/v1/sessions/long-1/extend", headers={"content-type": "application/json"},
+                             content=b'{"ttl_s": ' + digits + b"}")
+        assert response.status_code == 400 and response.json()["problems"][0]["field"] == "ttl_s", response.text
+        # Short enough to convert, too large to add to a float time: refused, not a 500.
+        response = http.post("/v1/sessions/long-1/extend", json={"ttl_s": 10**99})
+        assert response.status_code == 400 and response.json()["problems"][0]["field"] == "ttl_s", response.text
+        response = http.get("/v1/audit", params={"limit": "1" * 5000})
+        assert response.status_code == 400 and response.json()["problems"][0]["field"] == "limit", response.text
+        assert http.get("/healthz").status_code == 200
+
+
 def test_conflict_names_the_holder(control_plane: ControlPlane) -> None:
     with control_plane.client() as http:
         assert http.post("/v1/sessions", json={"id": "holder-1", "key": "shared", "routes": [ROUTE]}).status_code == 201

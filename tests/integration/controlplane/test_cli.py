@@ -171,4 +171,4 @@ def test_status_without_proxies(control_plane: ControlPlane) -> None:
     assert result.code == 0
     assert re.fullmatch(r"control plane revision \d+\nno proxies have connected\n", result.out)
     body = run_cli(control_plane, "status", "--json").json()
-    assert body == {"revision": body["revision"], "proxies": []}
+    assert body == {"revision": body["revision"], "proxies": [], "tunnels": []}

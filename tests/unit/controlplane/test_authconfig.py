@@ -124,3 +124,16 @@ def test_rate_limiter_refills_and_forgets_full_buckets() -> None:
     now[0] += 10
     limiter.take("c")  # three keys: the refilled ones are dropped
     assert len(limiter._buckets) <= 2
+
+
+def test_auth_and_tokens_files_with_numbers_too_long_to_convert_name_the_field(tmp_path: Path) -> None:
+    auth = tmp_path / "auth.yaml"
+    auth.write_text("limits:\n  max_connections: " + "9" * 5000 + "\n")
+    with pytest.raises(ValidationError) as caught:
+        load_auth_config(auth)
+    assert [p.field for p in caught.value.problems] == ["limits.max_connections"]
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text("tokens:\n  - identity: x\n    sha256: " + "1" * 5000 + "\n")
+    with pytest.raises(ValidationError) as caught:
+        load_tokens(tokens)
+    assert [p.field for p in caught.value.problems] == ["tokens[0].sha256"]

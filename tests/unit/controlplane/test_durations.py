@@ -31,3 +31,11 @@ def test_format(seconds: float, text: str) -> None:
 def test_round_trip() -> None:
     for seconds in (1, 59, 61, 3599, 3601, 86399, 90061):
         assert parse_duration(format_duration(seconds)) == seconds
+
+
+@pytest.mark.parametrize("text", ["1" * 5000, "1" * 5000 + "d", "9" * 400 + "d", "1." + "5" * 5000])
+def test_parse_refuses_more_digits_than_any_duration_has(text: str) -> None:
+    # 5,000 digits are more than int() converts (a ValueError about sys.set_int_max_str_digits);
+    # 400 days' digits made float() overflow (an OverflowError, which escaped).
+    with pytest.raises(ValueError, match="longer than any duration"):
+        parse_duration(text)

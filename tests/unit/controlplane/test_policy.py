@@ -363,3 +363,11 @@ def test_invalid_groups_name_the_field(data: dict[str, Any], field: str, reason:
     with pytest.raises(ValidationError) as info:
         parse_policy(data)
     assert any(p.field == field and reason in p.reason for p in info.value.problems), info.value.problems
+
+
+def test_a_policy_file_with_a_number_too_long_to_convert_names_the_field(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text("max_ttl_s: " + "9" * 5000 + "\n")
+    with pytest.raises(ValidationError) as caught:
+        load_policy(path)
+    assert [p.field for p in caught.value.problems] == ["max_ttl_s"]

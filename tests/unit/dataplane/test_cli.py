@@ -92,3 +92,16 @@ def test_every_command_has_help_and_json() -> None:
         assert result.returncode == 0 and "usage: turnout " + command in result.stdout, command
         if command in ("proxy", "check-config", "explain", "demo", "inject"):
             assert "--json" in result.stdout, command
+
+
+def test_explain_line_names_the_tunnel() -> None:
+    from dataplane.cli import explain_line
+
+    report = {"service": "users", "key": {"value": "k", "where": "baggage member turnout-session"}, "decision": {
+        "kind": "sandbox", "session": "s1", "destination": "10.0.0.7:4000", "mode": "steal", "fallback": "baseline",
+        "tunnel": "t-1 on gateway gw", "tunnel_connected": True}}
+    assert "10.0.0.7:4000 (session s1, mode steal, fallback baseline, tunnel via t-1 on gateway gw)" in \
+        explain_line("GET", "/", report)
+    report["decision"].update(destination="tunnel (local process disconnected)", tunnel=None,  # type: ignore[attr-defined]
+                              tunnel_connected=False)
+    assert "tunnel not connected: fallback baseline applies" in explain_line("GET", "/", report)

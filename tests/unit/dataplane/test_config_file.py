@@ -38,10 +38,15 @@ def test_yaml_the_loader_cannot_construct_is_a_config_error(text: str) -> None:
     assert problems(text)["f.yaml"].startswith("invalid YAML")
 
 
-@pytest.mark.parametrize("value", [".inf", ".nan", "-.inf", "1" + "0" * 400, "0", "-1", "'10'", "true"])
+@pytest.mark.parametrize("value", [".inf", ".nan", "-.inf", "1.0e+400", "0", "-1", "'10'", "true"])
 def test_a_timeout_must_be_a_positive_finite_number(value: str) -> None:
     assert problems(LISTENER + f"limits: {{header_read_timeout_s: {value}}}\n") == {
         "limits.header_read_timeout_s": "must be a positive number of seconds"}
+
+
+def test_a_timeout_too_long_to_convert_is_named() -> None:
+    text = LISTENER + "limits: {header_read_timeout_s: 1" + "0" * 400 + "}\n"
+    assert "limits.header_read_timeout_s" in problems(text)
 
 
 def test_timeouts_and_sizes_that_are_fine() -> None:

@@ -1004,6 +1004,11 @@ _CLIENT_STREAM_ERRORS: list[tuple[str, Callable[[RawPeer], bytes], int]] = [
     ("conflicting-content-lengths",
      lambda r: r.headers(1, [(b":status", b"200"), (b"content-length", b"1"), (b"content-length", b"2")]),
      ErrorCodes.PROTOCOL_ERROR),
+    # More digits than int() converts (4,300): a ValueError once escaped the engine.
+    ("content-length-4301-digits", lambda r: r.headers(1, [(b":status", b"200"), (b"content-length", b"1" * 4301)]),
+     ErrorCodes.PROTOCOL_ERROR),
+    ("content-length-19-digits", lambda r: r.headers(1, [(b":status", b"200"), (b"content-length", b"1" * 19)]),
+     ErrorCodes.PROTOCOL_ERROR),
     ("more-data-than-content-length",
      lambda r: r.headers(1, [(b":status", b"200"), (b"content-length", b"3")]) + frame(DATA, END_STREAM, 1, b"abcd"),
      ErrorCodes.PROTOCOL_ERROR),

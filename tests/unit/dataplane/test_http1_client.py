@@ -392,6 +392,23 @@ def test_a_mismatched_sandbox_falls_back_to_baseline_even_for_post(proxy: Proxy)
     assert upstream_errors(proxy, "upstream_protocol_mismatch", route="sandbox") == 1
 
 
+def test_an_http2_server_speaking_before_the_first_request_is_a_protocol_mismatch(proxy: Proxy,
+                                                                                  loop: VirtualLoop) -> None:
+    # An HTTP/2-only server sends its SETTINGS as soon as it accepts: on a new connection
+    # they may arrive before the request is written, split over reads.
+    server, client = client_h1(proxy)
+    conn, upstream = pooled_h1(proxy)
+    frame = settings_frame((3, 10), (4, 65535))
+    conn.data_received(frame[:4])
+    conn.data_received(frame[4:])
+    assert not upstream.aborted
+    server.data_received(GET)
+    loop.settle()
+    out = client.take()
+    assert out.startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
+    assert error_cause(out) == b"upstream_protocol_mismatch"
+
+
 @pytest.mark.parametrize("answer", [h2_library_answer, turnout_answer], ids=["h2-library", "turnout-engine"])
 def test_http2_servers_answer_then_close_is_a_protocol_mismatch(proxy: Proxy, loop: VirtualLoop,
                                                                 answer: Any) -> None:

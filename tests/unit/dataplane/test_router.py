@@ -29,7 +29,7 @@ from dataplane.upstream import (
     UpstreamListener,
     UpstreamStream,
 )
-from filters import Address
+from filters import Address, RequestHead
 
 BASELINE = "10.0.0.1:80"
 SANDBOX = "10.0.0.2:80"
@@ -488,3 +488,61 @@ def test_a_mirror_copies_the_request_and_baseline_answers(world: World) -> None:
     answer.listener.on_response(ok(), b"hi")
     assert down.body == b"hi"
     assert 'turnout_mirror_requests_total{result="sent",worker="0"} 1.0' in world.exposition()
+
+
+# ------------------------------------------------------------------ tunnel routes (docs/remocal.md)
+
+TUNNEL_CONFIG: dict[str, Any] = {
+    **CONFIG,
+    "sessions": [
+        {"id": "t-fb", "key": "ktfb", "routes": [{"service": "users", "destination": "tunnel"}]},
+        {"id": "t-err", "key": "kterr", "routes": [{"service": "users", "destination": "tunnel",
+                                                    "fallback": "error"}]},
+        {"id": "t-mirror", "key": "ktm", "routes": [{"service": "users", "destination": "tunnel", "mode": "mirror"}]},
+        {"id": "t-up", "key": "ktup", "routes": [{"service": "users", "destination": SANDBOX,
+                                                  "tunnel": "t-1 on gateway gw"}]},
+    ],
+}
+
+
+@pytest.fixture
+def tunnels() -> Iterator[World]:
+    w = World(TUNNEL_CONFIG)
+    w.upstreams.pooled = {BASELINE, SANDBOX}
+    yield w
+    w.loop.close()
+
+
+def test_a_tunnel_route_without_a_tunnel_falls_back_to_baseline_at_once(tunnels: World) -> None:
+    exchange, down = tunnels.start(tunnels.request(key("ktfb")))
+    assert tunnels.upstreams.acquired == [BASELINE], "nothing is dialled for the missing local process"
+    exchange.on_response(ok(), b"hi")
+    assert down.field(b"x-turnout-fallback") == b"t-fb; cause=tunnel_disconnected"
+    assert 'turnout_fallbacks_total{cause="tunnel_disconnected",service="users",worker="0"} 1.0' \
+        in tunnels.exposition()
+
+
+def test_a_tunnel_route_with_fallback_error_answers_503_local_process_disconnected(tunnels: World) -> None:
+    _exchange, down = tunnels.start(tunnels.request(key("kterr")))
+    assert tunnels.upstreams.acquired == []
+    assert down.head is not None and down.head.status == 503
+    assert down.field(b"x-turnout-error") == b"tunnel_disconnected; session=t-err"
+    assert b"local process disconnected" in down.body and b"t-err" in down.body
+    _, grpc_down = tunnels.start(tunnels.request(key("kterr"), http2=True, grpc=True))
+    assert grpc_down.field(b"grpc-status") == b"14"
+    assert b"local process disconnected" in (grpc_down.field(b"grpc-message") or b"")
+
+
+def test_a_mirror_to_a_missing_tunnel_copies_nothing_and_baseline_answers(tunnels: World) -> None:
+    exchange, _down = tunnels.start(tunnels.request(key("ktm")))
+    assert tunnels.upstreams.acquired == [BASELINE] and exchange.mirror is None
+    assert 'turnout_mirror_requests_total{result="dropped_tunnel_disconnected",worker="0"} 1.0' \
+        in tunnels.exposition()
+
+
+def test_an_attached_tunnel_route_goes_to_the_gateway_like_any_sandbox(tunnels: World) -> None:
+    exchange, _down = tunnels.start(tunnels.request(key("ktup")))
+    assert tunnels.upstreams.acquired == [SANDBOX]
+    assert exchange.decision.tunnel == "t-1 on gateway gw"
+    assert tunnels.router.runtime.snapshot.explain("users", RequestHead.from_pairs(
+        "GET", "/", [("baggage", "turnout-session=ktup")]), 0)["decision"]["tunnel"] == "t-1 on gateway gw"

@@ -30,7 +30,7 @@ KUBE = ROOT / "deploy" / "kubernetes"
 # An older minor that managed clusters still run, and the newest the package ships: the
 # manifests use nothing newer than 1.26 (internalTrafficPolicy GA; policy/v1 is 1.21).
 K8S_VERSIONS = ("1.32", kubernetes_validate.latest_version())
-BUILDS = ["base/control-plane", "base/node", "examples/sidecar", "overlays/staging"]
+BUILDS = ["base/control-plane", "base/gateway", "base/node", "examples/sidecar", "overlays/staging"]
 # Measured in bench/http1: RSS of the supervisor and of each worker.
 SUPERVISOR_MB = 35
 WORKER_MB = 35
@@ -194,14 +194,14 @@ def test_turnout_containers_are_locked_down_and_sized(name: str) -> None:
             state = next(v for v in spec["volumes"] if v["name"] == mounts["/var/lib/turnout"])
             assert "emptyDir" in state, f"{where}: the state file needs an emptyDir at /var/lib/turnout"
         else:
-            assert args.command == "control-plane", where
+            assert args.command in ("control-plane", "gateway"), where
 
 
 @pytest.mark.parametrize("name", BUILDS)
 def test_proxy_probes_ports_and_drain_agree_with_its_bootstrap(name: str) -> None:
     docs = build(name)
     proxies = [c for c in _turnout_containers(docs) if _args(c[2]).command == "proxy"]
-    if name == "base/control-plane":
+    if name in ("base/control-plane", "base/gateway"):
         assert not proxies
         return
     assert proxies
@@ -285,7 +285,7 @@ def test_node_mode_is_local_to_each_node() -> None:
 @pytest.mark.parametrize("name", ["base/control-plane", "overlays/staging"])
 def test_control_plane_runs_one_writer_with_its_policy_and_tokens(name: str) -> None:
     docs = build(name)
-    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "turnout-control-plane"]
     assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
     spec = deployment["spec"]["template"]["spec"]
     (container,) = spec["containers"]
@@ -301,8 +301,9 @@ def test_control_plane_runs_one_writer_with_its_policy_and_tokens(name: str) -> 
     assert any(d["kind"] == "PersistentVolumeClaim" and d["metadata"]["name"] == claim for d in docs)
     assert any(d["kind"] == "PodDisruptionBudget" for d in docs)
     template = _load_all((KUBE / "base/control-plane/secret.yaml").read_text())
+    template += _load_all((KUBE / "base/gateway/secret.yaml").read_text())
     templated = {d["metadata"]["name"]: d for d in template}
-    for flag in (args.token_file, args.proxy_token_file):
+    for flag in (args.token_file, args.proxy_token_file, args.gateway_token_file):
         volume = next(v for v in spec["volumes"] if v["name"] == mounts[str(Path(flag).parent)])
         secret = templated[volume["secret"]["secretName"]]
         # The template never carries a real token: the control plane refuses an empty one.
@@ -311,6 +312,32 @@ def test_control_plane_runs_one_writer_with_its_policy_and_tokens(name: str) -> 
     service = next(d for d in docs if d["kind"] == "Service")
     _services_point_at_named_ports(docs)
     assert {p["port"] for p in service["spec"]["ports"]} == {18080, 18000}
+
+
+def test_the_gateway_shares_its_token_with_the_control_plane_and_advertises_its_pod_ip() -> None:
+    docs = build("base/gateway")
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    spec = deployment["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    args = _args(container)
+    assert args.command == "gateway" and args.data_host == "0.0.0.0"
+    assert "--advertise-host=$(POD_IP)" in container["args"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volume = next(v for v in spec["volumes"] if v["name"] == mounts[str(Path(args.token_file).parent)])
+    assert volume["secret"]["secretName"] == "turnout-gateway-token"
+    cp = next(d for d in build("base/control-plane") if d["kind"] == "Deployment")
+    cp_container = cp["spec"]["template"]["spec"]["containers"][0]
+    cp_mounts = {m["mountPath"]: m["name"] for m in cp_container["volumeMounts"]}
+    cp_args = _args(cp_container)
+    cp_volume = next(v for v in cp["spec"]["template"]["spec"]["volumes"]
+                     if v["name"] == cp_mounts[str(Path(cp_args.gateway_token_file).parent)])
+    assert cp_volume["secret"]["secretName"] == "turnout-gateway-token"
+    assert args.control_plane.startswith("http://turnout-control-plane.turnout.svc:")
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["path"] == "/healthz"
+    _services_point_at_named_ports(docs)
 
 
 def test_staging_overlay_sets_image_and_cluster() -> None:

@@ -144,9 +144,20 @@ def test_ttl_without_now_is_refused() -> None:
     assert "expires_at" in problems[0].reason
 
 
-@pytest.mark.parametrize("ttl", [0, -5, True, "60", float("inf"), float("nan"), None])
+@pytest.mark.parametrize("ttl", [0, -5, True, "60", float("inf"), float("nan"), None, 1e300, 10**99, 10**400],
+                         ids=["zero", "negative", "bool", "string", "inf", "nan", "none", "1e300", "100-digits",
+                              "401-digits"])
 def test_bad_ttl(ttl: Any) -> None:
+    # 10**400 converts to no float: adding it to the clock once raised OverflowError.
     assert fields(refused(session(ttl_s=ttl), now=NOW)) == ["session.ttl_s"]
+
+
+@pytest.mark.parametrize("when", [10**400, 10**99, 1e300, 253_402_300_800],
+                         ids=["401-digits", "100-digits", "1e300", "year-10000"])
+def test_times_past_the_year_9999_are_refused(when: Any) -> None:
+    # Past what an RFC 3339 time can name; 10**400 once raised OverflowError in float().
+    assert fields(refused(session(expires_at=when))) == ["session.expires_at"]
+    assert parse_session(session(expires_at=253_402_300_799)).expires_at == 253_402_300_799.0
 
 
 def test_expires_at_unix_seconds() -> None:
@@ -317,6 +328,14 @@ def test_good_address(text: str, host: str, port: int) -> None:
     assert address == Address(host, port)
     assert str(address) == text
     assert parse_session(session(routes=[route(destination=text)])).routes[0].destination == address
+
+
+def test_a_port_too_long_to_convert_is_refused_with_a_short_reason() -> None:
+    # 5,000 digits: int() would refuse them with a message about sys.set_int_max_str_digits.
+    with pytest.raises(ValueError, match=r"^port '1{20}\.\.\.' is not a number from 1 to 65535$"):
+        parse_address("10.0.0.1:" + "1" * 5000)
+    assert fields(refused(session(routes=[route(destination="10.0.0.1:" + "1" * 5000)]))) == [
+        "session.routes[0].destination"]
 
 
 def test_parse_address_raises_value_error_with_reason() -> None:
@@ -661,3 +680,22 @@ def test_numbers_too_large_for_a_float_are_refused_by_field(name: str) -> None:
     spec = session()
     spec[name] = 10**400
     assert fields(refused(spec, now=NOW)) == ["session." + name]
+
+
+def test_a_tunnel_destination_parses_and_round_trips() -> None:
+    session = parse_session({"id": "t", "key": "k", "routes": [{"service": "users", "destination": "tunnel"}]})
+    route = session.routes[0]
+    assert route.destination is None and route.is_tunnel and route.tunnel == ""
+    assert route.to_dict()["destination"] == "tunnel" and "tunnel" not in route.to_dict()
+    resolved = parse_session({"id": "t", "key": "k", "routes": [
+        {"service": "users", "destination": "10.0.0.7:4000", "tunnel": "t-1 on gateway gw"}]})
+    assert resolved.routes[0].is_tunnel and str(resolved.routes[0].destination) == "10.0.0.7:4000"
+    assert parse_session(resolved.to_dict()).routes[0].tunnel == "t-1 on gateway gw"
+    assert not parse_session({"id": "p", "key": "k", "routes": [
+        {"service": "users", "destination": "10.0.0.7:4000"}]}).routes[0].is_tunnel
+
+
+def test_a_bad_destination_mentions_tunnel() -> None:
+    with pytest.raises(ValidationError) as caught:
+        parse_session({"id": "t", "key": "k", "routes": [{"service": "users", "destination": "tunel"}]})
+    assert "'tunnel'" in caught.value.problems[0].reason

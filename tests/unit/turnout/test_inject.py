@@ -271,3 +271,12 @@ def test_cli_reads_stdin_and_files(tmp_path: Path) -> None:
     assert again.returncode == 0 and [d for d in yaml.safe_load_all(again.stdout) if d is not None] == out
     missing = _cli(str(tmp_path / "nope.yaml"))
     assert missing.returncode == 2 and "cannot read" in missing.stderr
+
+
+def test_run_inject_names_a_number_too_long_to_convert() -> None:
+    # 5,000 digits: YAML's loader hands them to int(), which refuses more than 4,300.
+    stdout, stderr = io.StringIO(), io.StringIO()
+    manifest = "apiVersion: apps/v1\nkind: Deployment\nspec:\n  replicas: " + "3" * 5000 + "\n"
+    assert run_inject("-", InjectOptions(), io.StringIO(manifest), stdout, stderr) == 2
+    assert "spec.replicas: a number of 5000 characters" in stderr.getvalue()
+    assert stdout.getvalue() == ""
