@@ -31,6 +31,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -162,8 +163,15 @@ def fuzz_target(name: str, seconds: int, extra: Sequence[str] = ()) -> FuzzResul
 
 
 def _instrumented(name: str) -> Any:
-    """Target ``name``'s module, with turnout's packages instrumented for coverage."""
+    """Target ``name``'s module, with turnout's packages instrumented for coverage.
+
+    Its temporary files go to ``fuzz/.work/<name>/tmp``: libFuzzer ends the process without
+    running Python's exit handlers, which would remove them."""
     import atheris
+
+    tmp = _work(name) / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    tempfile.tempdir = str(tmp)
 
     with atheris.instrument_imports(include=INSTRUMENTED + INSTRUMENTED_ALSO.get(name, [])):
         return importlib.import_module("fuzz.targets." + name)
@@ -173,6 +181,7 @@ def _worker(name: str, seconds: int, merge: bool, extra: Sequence[str]) -> None:
     """Child process: instrument turnout, load the target, and run libFuzzer on it."""
     import atheris
 
+    shutil.rmtree(_work(name) / "tmp", ignore_errors=True)  # what earlier runs left
     module = _instrumented(name)
     work = _work(name)
     saved = CORPUS_DIR / name

@@ -10,6 +10,7 @@ included).
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 import math
@@ -26,6 +27,7 @@ NOW = 1_800_000_000.0
 def _path() -> str:
     fd, path = tempfile.mkstemp(prefix="turnout-fuzz-", suffix=".yaml")
     os.close(fd)
+    atexit.register(os.unlink, path)
     return path
 
 

@@ -10,6 +10,7 @@ The first byte picks the loader (even: policy, odd: auth); the rest is the file.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 import json
@@ -47,6 +48,7 @@ class _Rival:
 def _path() -> str:
     fd, path = tempfile.mkstemp(prefix="turnout-fuzz-", suffix=".yaml")
     os.close(fd)
+    atexit.register(os.unlink, path)
     return path
 
 
