@@ -117,10 +117,11 @@ def _own_fields(head: bytes, first: int) -> list[tuple[bytes, bytes]] | None:
     """The field lines of a checked head as both codecs report them (names lower-cased,
     values without surrounding whitespace), or None for a line that is not a field."""
     fields: list[tuple[bytes, bytes]] = []
-    lines = head[first + 2 : -4]
-    if not lines:
-        return fields
-    for line in lines.split(b"\r\n"):
+    start = first + 2
+    end = len(head) - 4
+    if end <= start:
+        return fields  # no field lines (and mypyc's bytes slice refuses start > end)
+    for line in head[start:end].split(b"\r\n"):
         name, colon, value = line.partition(b":")
         if not colon or _FIELD_NAME.fullmatch(name) is None:
             return None
