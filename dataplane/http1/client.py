@@ -3,7 +3,7 @@
 A connection is its own only stream: ``open_stream`` writes the request head, the body
 follows framed by the length the router gives (Content-Length, none, or chunked), and the
 response is parsed with the same scanning, codec and validation as client requests
-(``plan_response``), so a response two parsers could read differently is a 502. HTTP/1.1
+(``read_response``), so a response two parsers could read differently is a 502. HTTP/1.1
 bytes are written here and nowhere else.
 
 A connection belongs to one destination address for its whole life (routes change often,
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Final, Protocol, cast
 from dataplane.errors import HttpError
 from dataplane.http1.framing import ChunkedDecoder, ContentLengthDecoder, Decoder, UntilCloseDecoder, chunk, last_chunk
 from dataplane.http1.scan import check_head, find_head_end
-from dataplane.http1.semantics import plan_response
+from dataplane.http1.semantics import read_response
 from dataplane.message import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, NO_FIELDS, Response, field_lines
 from dataplane.upstream import NOT_CONNECTED, SENT, STALE, STARTED, UpstreamError, UpstreamListener, UpstreamStream
 
@@ -304,8 +304,8 @@ class H1Client(UpstreamStream):
                     self._scanned = len(self._buf)
                     return
                 head = buf[:end] if isinstance(buf, bytes) else bytes(buf[:end])
-                check_head(head, limits.max_header_count, limits.max_request_line_bytes, "response")
-                response = plan_response(self.codec.parse_response(head), self._method)
+                head = check_head(head, limits.max_header_count, limits.max_request_line_bytes, "response")
+                response = read_response(self.codec, head, self._method)
             except HttpError as exc:
                 if _looks_like_http2(buf):
                     self._fail(502, "the upstream answered in HTTP/2; set upstream_protocol: http2 for it",

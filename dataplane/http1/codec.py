@@ -1,6 +1,6 @@
 """The two head codecs behind one interface: httptools (default) and h11 (``--http h11``).
 
-A codec turns one complete, pre-scanned head into a ``RequestHead1``/``ResponseHead1``.
+A codec turns one complete head that passed ``scan.check_head`` into a ``RequestHead1``/``ResponseHead1``.
 Header names come out lower-cased; values are the raw bytes. Codec exceptions are
 translated into ``HttpError`` here, at the boundary.
 """
@@ -60,19 +60,11 @@ class HeadCodec(Protocol):
         ...
 
 
-def _version(start_line: bytes, request: bool) -> bytes:
-    # Both parsers accept more than HTTP/1.0 and 1.1 (llhttp takes RTSP/ and ICE/ too).
-    if request:
-        if start_line.endswith(b" HTTP/1.1"):
-            return b"1.1"
-        if start_line.endswith(b" HTTP/1.0"):
-            return b"1.0"
-    else:
-        if start_line.startswith(b"HTTP/1.1 "):
-            return b"1.1"
-        if start_line.startswith(b"HTTP/1.0 "):
-            return b"1.0"
-    raise HttpError(400 if request else 502, "unsupported HTTP version", "bad_version")
+def _request_version(head: bytes) -> bytes:
+    # Both parsers accept more than HTTP/1.0 and 1.1 (llhttp takes RTSP/ and ICE/ too), but
+    # check_head passes only request lines ending in " HTTP/1.0" or " HTTP/1.1".
+    first = head.find(b"\r\n")
+    return head[first - 3 : first]
 
 
 class _HeadSink:
@@ -108,7 +100,7 @@ class HttptoolsCodec:
             pass  # the head is complete; upgrades are decided by turnout's semantics
         except httptools.HttpParserError as exc:
             raise HttpError(400, "malformed request: " + str(exc), "bad_request") from None
-        version = _version(head[: head.find(b"\r\n")], True)
+        version = _request_version(head)
         return RequestHead1(parser.get_method(), sink.url, version, sink.headers)
 
     def parse_response(self, head: bytes) -> ResponseHead1:
@@ -121,7 +113,7 @@ class HttptoolsCodec:
             pass
         except httptools.HttpParserError as exc:
             raise HttpError(502, "malformed upstream response: " + str(exc), "upstream_bad_head") from None
-        version = _version(head[: head.find(b"\r\n")], False)
+        version = head[5:8]  # check_head passes only status lines starting "HTTP/1.0 " or "HTTP/1.1 "
         return ResponseHead1(parser.get_status_code(), sink.status, version, sink.headers)
 
 
@@ -156,7 +148,7 @@ class H11Codec:
             raise HttpError(400, "malformed request: " + str(exc), "bad_request") from None
         if not isinstance(event, h11.Request):
             raise HttpError(400, "malformed request", "bad_request")
-        version = _version(head[: head.find(b"\r\n")], True)
+        version = _request_version(head)
         return RequestHead1(event.method, event.target, version, list(event.headers))
 
     def parse_response(self, head: bytes) -> ResponseHead1:
@@ -175,7 +167,7 @@ class H11Codec:
             raise HttpError(502, "malformed upstream response: " + str(exc), "upstream_bad_head") from None
         if not isinstance(event, (h11.Response, h11.InformationalResponse)):
             raise HttpError(502, "malformed upstream response", "upstream_bad_head")
-        version = _version(head[: head.find(b"\r\n")], False)
+        version = head[5:8]  # check_head passes only status lines starting "HTTP/1.0 " or "HTTP/1.1 "
         return ResponseHead1(event.status_code, event.reason, version, list(event.headers))
 
 

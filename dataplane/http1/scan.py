@@ -18,14 +18,21 @@ TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 # method SP request-target SP HTTP-version, single spaces, visible ASCII only (RFC 9112 section 3).
 _REQUEST_LINE_PATTERN = TOKEN + rb" [!-~]+ HTTP/1\.[01]"
 _REQUEST_LINE = re.compile(_REQUEST_LINE_PATTERN)
+# HTTP-version SP status-code [SP reason-phrase], the status from 100 to 599 (RFC 9110 section
+# 15: three digits, the first one the class); h11 takes 200-999, llhttp any three digits.
+_STATUS_LINE_PATTERN = rb"HTTP/1\.[01] [1-5][0-9][0-9](?: [\t -~\x80-\xff]*)?"
+_STATUS_LINE = re.compile(_STATUS_LINE_PATTERN)
 # The shape nearly every head has: every field line a token, a colon and bytes that are
-# neither controls nor DEL, CRLF line ends only. One match implies every check below (bare
-# CR/LF, obs-fold, control bytes, the request line), so only heads that miss it pay for
-# the checks one by one (and get their precise error).
-_FIELD_LINES = rb"(?:" + TOKEN + rb":[\t -~\x80-\xff]*\r\n)*\r\n"
+# neither controls nor DEL nor whitespace at the end, CRLF line ends only. One match implies
+# every check below (bare CR/LF, obs-fold, control bytes, the start line) and that there is
+# no whitespace to trim, so only heads that miss it pay for the checks one by one (and get
+# their precise error).
+_FIELD_LINES = rb"(?:" + TOKEN + rb":[\t -~\x80-\xff]*+(?<![ \t])\r\n)*\r\n"
+# Optional whitespace before a line end: never part of a field value (RFC 9110 section 5.5).
+_TRAILING_OWS = re.compile(rb"[ \t]+\r\n")
 _CLEAN = {
     "request": re.compile(_REQUEST_LINE_PATTERN + rb"\r\n" + _FIELD_LINES),
-    "response": re.compile(rb"HTTP/1\.[01] [\t -~\x80-\xff]*\r\n" + _FIELD_LINES),
+    "response": re.compile(_STATUS_LINE_PATTERN + rb"\r\n" + _FIELD_LINES),
 }
 
 
@@ -75,13 +82,16 @@ def _too_large(what: str) -> HttpError:
     return HttpError(502, "upstream response head too large", "upstream_head_too_large")
 
 
-def check_head(head: bytes, max_header_count: int, max_start_line_bytes: int, what: str = "request") -> None:
-    """Refuse a complete head with bare CR/LF, obs-fold, control bytes or too many lines."""
+def check_head(head: bytes, max_header_count: int, max_start_line_bytes: int, what: str = "request") -> bytes:
+    """Refuse a complete head with bare CR/LF, obs-fold, control bytes, too many lines or a
+    malformed request or status line; returns the head to parse: without the whitespace
+    after field values, which httptools would keep (and refuse in Content-Length and Host)
+    and h11 drops."""
     first = head.find(b"\r\n")
     # A field line is at least 4 bytes ("a:" CRLF): a short head cannot have too many.
     if first <= max_start_line_bytes and _CLEAN[what].fullmatch(head) is not None and (
             len(head) >> 2 <= max_header_count or head.count(b"\r\n") - 2 <= max_header_count):
-        return
+        return head
     status = 400 if what == "request" else 502
     if first > max_start_line_bytes:
         if what == "request":
@@ -96,5 +106,10 @@ def check_head(head: bytes, max_header_count: int, max_start_line_bytes: int, wh
         raise HttpError(status, "obsolete line folding in header", "obs_fold")
     if _CONTROL.search(head) is not None:
         raise HttpError(status, "control character in message head", "control_char")
-    if what == "request" and _REQUEST_LINE.fullmatch(head, 0, first) is None:
-        raise HttpError(400, "malformed request line", "bad_request_line")
+    if what == "request":
+        if _REQUEST_LINE.fullmatch(head, 0, first) is None:
+            raise HttpError(400, "malformed request line", "bad_request_line")
+    elif _STATUS_LINE.fullmatch(head, 0, first) is None:
+        raise HttpError(502, "malformed upstream status line", "upstream_bad_head")
+    # The start line keeps its own (a reason phrase may end in a space).
+    return head[:first] + _TRAILING_OWS.sub(b"\r\n", head[first:])

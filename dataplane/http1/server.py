@@ -1,7 +1,7 @@
 """The HTTP/1.1 server side: one ``H1Server`` per client connection, one exchange at a time.
 
 It reads and validates: scan the head, parse it (either codec), check it
-(``semantics.plan_request``), hand the ``Request`` to the router, and feed the body through
+(``semantics.read_request``), hand the ``Request`` to the router, and feed the body through
 turnout's own framing. It writes: the response the router passes back, framed for this
 client (Content-Length, chunked, or until close for HTTP/1.0), and the errors it refuses
 requests with. Everything in between is the router's. Responses to pipelined requests go
@@ -26,7 +26,7 @@ from dataplane.deadline import Deadline
 from dataplane.errors import HttpError
 from dataplane.http1.framing import ChunkedDecoder, ContentLengthDecoder, Decoder, chunk, last_chunk
 from dataplane.http1.scan import check_head, find_head_end, skip_leading_crlf
-from dataplane.http1.semantics import plan_request
+from dataplane.http1.semantics import read_request
 from dataplane.message import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, NO_FIELDS, Fields, field_lines
 from dataplane.router import Downstream, listener_plan, local_response
 
@@ -217,8 +217,8 @@ class H1Server(Downstream):
                 self._scanned = len(self._buf)
                 return
             head = buf[pos:end] if isinstance(buf, bytes) else bytes(buf[pos:end])
-            check_head(head, limits.max_header_count, limits.max_request_line_bytes)
-            request = plan_request(rt.codec.parse_request(head))
+            head = check_head(head, limits.max_header_count, limits.max_request_line_bytes)
+            request = read_request(rt.codec, head)
         except HttpError as exc:
             self._buf = bytearray()
             self._scanned = 0

@@ -16,6 +16,7 @@ from dataplane.http1.scan import check_head, find_head_end
 # The byte checks as they were before the clean-head regex: the reference.
 _CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _REQUEST_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [!-~]+ HTTP/1\.[01]")
+_STATUS_LINE = re.compile(rb"HTTP/1\.[01] [1-5][0-9][0-9](?: [^\x00-\x08\x0a-\x1f\x7f]*)?")
 
 
 def _reference(head: bytes, max_header_count: int, max_start_line_bytes: int, what: str) -> None:
@@ -36,6 +37,8 @@ def _reference(head: bytes, max_header_count: int, max_start_line_bytes: int, wh
         raise HttpError(status, "control character in message head", "control_char")
     if what == "request" and _REQUEST_LINE.fullmatch(head, 0, first) is None:
         raise HttpError(400, "malformed request line", "bad_request_line")
+    if what == "response" and _STATUS_LINE.fullmatch(head, 0, first) is None:
+        raise HttpError(502, "malformed upstream status line", "upstream_bad_head")
 
 
 def _outcome(check: object, *args: object) -> tuple[int, str] | None:
@@ -54,7 +57,9 @@ _LINE = st.lists(st.sampled_from(_PIECES), max_size=6).map(b"".join)
 
 @settings(max_examples=3000, deadline=None)
 @given(start=st.sampled_from([b"GET / HTTP/1.1", b"GET /x HTTP/1.0", b"HTTP/1.1 200 OK", b"HTTP/1.0 204 ",
-                              b"G@T / HTTP/1.1", b"GET  / HTTP/1.1"]) | _LINE,
+                              b"HTTP/1.1 599", b"HTTP/1.1 006 X", b"HTTP/1.1 099 X", b"HTTP/1.1 600 X",
+                              b"HTTP/1.1 2000 X", b"HTTP/1.1 20 X", b"HTTP/1.1 200OK", b"G@T / HTTP/1.1",
+                              b"GET  / HTTP/1.1"]) | _LINE,
        lines=st.lists(_LINE, max_size=5), max_count=st.sampled_from([1, 3, 100]),
        max_line=st.sampled_from([4, 16, 8192]), what=st.sampled_from(["request", "response"]))
 def test_clean_path_agrees_with_the_byte_checks(start: bytes, lines: list[bytes], max_count: int, max_line: int,
@@ -140,3 +145,22 @@ def test_a_long_request_line_is_refused_once_it_is_too_long_whatever_the_reads()
     outcomes = _resumed(pieces, 60 * 1024, "request", 24)
     assert outcomes[-1] == (414, "uri_too_long")
     assert outcomes == _from_scratch(pieces, 60 * 1024, "request", 24)
+
+
+def test_a_status_is_three_digits_from_100_to_599() -> None:
+    # RFC 9110 section 15; llhttp takes any three digits (006 read as a 1xx), h11 200-999.
+    for start in (b"HTTP/1.1 006 X", b"HTTP/1.1 099 X", b"HTTP/1.1 600 X", b"HTTP/1.1 2000 X", b"HTTP/1.1 +20 X"):
+        head = start + b"\r\nContent-Length: 0\r\n\r\n"
+        assert _outcome(check_head, head, 100, 8192, "response") == (502, "upstream_bad_head"), start
+    for start in (b"HTTP/1.1 100 Continue", b"HTTP/1.1 599", b"HTTP/1.0 200 ", b"HTTP/1.1 404 Not \x80 Found"):
+        assert _outcome(check_head, start + b"\r\n\r\n", 100, 8192, "response") is None, start
+
+
+def test_whitespace_after_field_values_is_trimmed_and_nothing_else() -> None:
+    clean = b"GET / HTTP/1.1\r\nHost: a\r\nX-A: a b\r\n\r\n"
+    assert check_head(clean, 100, 8192) is clean  # the usual head: no copy
+    assert check_head(b"GET / HTTP/1.1\r\nHost: a \t\r\nX-A: a b \r\nX-B:  \r\n\r\n", 100, 8192) == (
+        b"GET / HTTP/1.1\r\nHost: a\r\nX-A: a b\r\nX-B:\r\n\r\n")
+    # A reason phrase keeps its own.
+    assert check_head(b"HTTP/1.1 200 OK \r\nX-A: 1\t\r\n\r\n", 100, 8192, "response") == (
+        b"HTTP/1.1 200 OK \r\nX-A: 1\r\n\r\n")
