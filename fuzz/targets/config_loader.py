@@ -10,33 +10,14 @@ included).
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
-import functools
 import math
-import os
-import tempfile
 
 from dataplane.config import ProxyConfig, load_config
 from dataplane.rules import ConfigError
+from fuzz.targets._files import as_file
 
 NOW = 1_800_000_000.0
-
-
-@functools.cache
-def _path() -> str:
-    fd, path = tempfile.mkstemp(prefix="turnout-fuzz-", suffix=".yaml")
-    os.close(fd)
-    atexit.register(os.unlink, path)
-    return path
-
-
-def _file(data: bytes) -> str:
-    """``data`` as the file to load (one file per process, rewritten for each input)."""
-    path = _path()
-    with open(path, "wb") as out:
-        out.write(data)
-    return path
 
 
 def _check(config: ProxyConfig) -> None:
@@ -49,7 +30,7 @@ def _check(config: ProxyConfig) -> None:
 def fuzz_one(data: bytes) -> None:
     """Load ``data`` as a bootstrap file."""
     try:
-        config = load_config(_file(data), now=NOW)
+        config = load_config(as_file(data), now=NOW)
     except ConfigError as exc:
         assert exc.problems, "a ConfigError naming no problem"
         return

@@ -10,17 +10,14 @@ The first byte picks the loader (even: policy, odd: auth); the rest is the file.
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
-import functools
 import json
-import os
-import tempfile
 
 from controlplane.authconfig import load_auth_config
 from controlplane.errors import Conflict, PolicyRefused
 from controlplane.policy import Policy, load_policy
 from filters import Session, ValidationError, parse_session
+from fuzz.targets._files import as_file
 
 NOW = 1_800_000_000.0
 _SESSIONS = [parse_session(spec, now=NOW) for spec in (
@@ -44,22 +41,6 @@ class _Rival:
     group: str | None
 
 
-@functools.cache
-def _path() -> str:
-    fd, path = tempfile.mkstemp(prefix="turnout-fuzz-", suffix=".yaml")
-    os.close(fd)
-    atexit.register(os.unlink, path)
-    return path
-
-
-def _file(data: bytes) -> str:
-    """``data`` as the file to load (one file per process, rewritten for each input)."""
-    path = _path()
-    with open(path, "wb") as out:
-        out.write(data)
-    return path
-
-
 def _use(policy: Policy) -> None:
     rivals = [_Rival(dataclasses.replace(session, id=session.id + "-bob", owner="bob"), None)
               for session in _SESSIONS]
@@ -79,7 +60,7 @@ def fuzz_one(data: bytes) -> None:
     """Load ``data[1:]`` as a policy or an auth file (``data[0]``'s low bit)."""
     if not data:
         return
-    path = _file(data[1:])
+    path = as_file(data[1:])
     try:
         if data[0] & 1:
             load_auth_config(path)
