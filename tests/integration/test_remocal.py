@@ -563,20 +563,20 @@ def test_outgoing_calls_leave_from_the_cluster_with_the_key_and_route_inside_the
 def test_a_json_reader_that_falls_behind_never_stalls_the_tunnel(stack: Stack) -> None:
     with connected(stack, "--service", "users", "--local", stack.local.address, "--key", "k-slow") as (connect, _ev):
         eventually(lambda: _routed(stack, "k-slow"))
-        # 600 requests with long targets make ~170 kB of request events: more than a pipe holds
+        # 150 requests with long targets make ~170 kB of request events: more than a pipe holds
         # unread (64 kB).
         with httpx.Client(timeout=10) as client:
-            served = [client.get(stack.proxy.url + "/burst?" + "p" * 180,
+            served = [client.get(stack.proxy.url + "/burst?" + "p" * 1000,
                                  headers={"baggage": "turnout-session=k-slow"})
-                      .headers.get("x-upstream") for _ in range(600)]
-        assert served == ["local"] * 600
+                      .headers.get("x-upstream") for _ in range(150)]
+        assert served == ["local"] * 150
         assert connect.process.poll() is None
         connect.process.send_signal(signal.SIGINT)
         events = connect.drain()  # the reader catches up; connect writes everything, then exits
         assert connect.process.wait(15) == 0
     requests = [e for e in events if e["event"] == "request" and e["target"].startswith("/burst")]
     (exit_event,) = [e for e in events if e["event"] == "exit"]
-    assert len(requests) + exit_event["dropped_request_events"] == 600
+    assert len(requests) + exit_event["dropped_request_events"] == 150
     assert not [e for e in events if e["event"] == "disconnected"], "the tunnel never stalled"
 
 
