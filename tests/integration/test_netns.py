@@ -98,7 +98,7 @@ class Topology:
         self.tmp = tmp
         self.tag = secrets.token_hex(2)  # names unique to this run: interface names hold 15 characters
         self.namespaces: list[str] = []
-        self.processes: list[subprocess.Popen[bytes]] = []
+        self.processes: list[subprocess.Popen[Any]] = []
 
     def ns(self, role: str) -> str:
         """The namespace name for a role."""

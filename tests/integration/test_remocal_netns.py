@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -38,7 +37,7 @@ import pytest
 import yaml
 
 from tests.integration.support import ROOT
-from tests.integration.test_netns import _ip, _unavailable, _wait
+from tests.integration.test_netns import Topology, _ip, _unavailable, _wait
 
 NODE_CLIENT_IP, NODE_LAPTOP_IP, NODE_SERVICES_IP = "10.200.1.1", "10.200.4.1", "10.200.2.1"
 CLIENT_IP, LAPTOP_IP, SERVICES_IP = "10.200.1.2", "10.200.4.2", "10.200.2.2"
@@ -181,24 +180,10 @@ else:
 """
 
 
-class Hosts:
-    """The namespaces, links and processes of one run; ``close`` removes all of them."""
+class Hosts(Topology):
+    """test_netns's topology with other hosts: a laptop and a services host beside the client."""
 
     ROLES = ("node", "client", "laptop", "services")
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.tag = secrets.token_hex(2)
-        self.namespaces: list[str] = []
-        self.processes: list[subprocess.Popen[Any]] = []
-
-    def ns(self, role: str) -> str:
-        """The namespace of a role."""
-        return f"turnout-{self.tag}-r{role}"
-
-    def link(self, role: str) -> str:
-        """The node's end of the link to ``role``'s host (interface names hold 15 characters)."""
-        return f"r{self.tag}{role[0]}n"
 
     def build(self) -> None:
         """Four namespaces; the node has one link to each of the others and forwards nothing."""
@@ -208,7 +193,7 @@ class Hosts:
             _ip("-n", self.ns(role), "link", "set", "lo", "up")
         for role, node_ip, far_ip in (("client", NODE_CLIENT_IP, CLIENT_IP), ("laptop", NODE_LAPTOP_IP, LAPTOP_IP),
                                       ("services", NODE_SERVICES_IP, SERVICES_IP)):
-            node_end, far_end = self.link(role), f"r{self.tag}{role[0]}f"
+            node_end, far_end = self.link(role), f"t{self.tag}{role[0]}f"
             _ip("link", "add", node_end, "netns", self.ns("node"), "type", "veth", "peer", "name", far_end,
                 "netns", self.ns(role))
             _ip("-n", self.ns("node"), "addr", "add", f"{node_ip}/24", "dev", node_end)
@@ -241,20 +226,6 @@ class Hosts:
         assert result.returncode == 0, result.stderr
         replies: list[dict[str, Any]] = json.loads(result.stdout)
         return replies
-
-    def close(self) -> None:
-        """Stop every process (SIGTERM, then SIGKILL) and delete every namespace."""
-        for process in self.processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes:
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
-        for name in self.namespaces:
-            subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
 
 
 @pytest.fixture
