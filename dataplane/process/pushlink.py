@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import struct
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -79,6 +80,17 @@ class PushLink:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._lock = asyncio.Lock()
+
+    async def connect(self, timeout_s: float) -> None:
+        """Wait for a new worker to listen: its socket file appears at bind, before it accepts
+        connections, so refusals are retried until ``timeout_s`` (then ``send`` reports)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                self._reader, self._writer = await asyncio.open_unix_connection(self.path)
+                return
+            except (FileNotFoundError, ConnectionRefusedError):
+                await asyncio.sleep(0.02)
 
     async def send(self, message: bytes, timeout_s: float) -> Response:
         """The worker's (status, content type, message); 503 when it cannot be reached."""

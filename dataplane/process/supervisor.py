@@ -207,10 +207,7 @@ class Supervisor:
     async def _configure(self, worker: WorkerProcess) -> None:
         """Send a new worker the validated config, then the pushed sessions."""
         assert worker.link is not None
-        deadline = time.monotonic() + _WORKER_START_S
-        path = push_socket_path(worker.admin_socket)
-        while not os.path.exists(path) and time.monotonic() < deadline and not self.stopping:
-            await asyncio.sleep(0.02)
+        await worker.link.connect(_WORKER_START_S)
         answer = await worker.link.send(config_message(self.config.source), _WORKER_START_S)
         if answer[0] != 200:
             log.error("worker %d refused its configuration: %s", worker.index,
