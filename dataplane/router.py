@@ -27,6 +27,8 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Final
 
+from mypy_extensions import mypyc_attr
+
 from dataplane.http2.grpc import GRPC_DEADLINE_EXCEEDED, GRPC_UNAVAILABLE, parse_grpc_timeout, trailers_only
 from dataplane.message import BODY_LENGTH, BODY_NONE, NO_FIELDS, Fields, Request, Response, field_lines
 from dataplane.mirror import MirrorManager
@@ -102,6 +104,8 @@ def grpc_local_response(code: bytes, reason: str, cause: str, session: str | Non
     return Response(200, b"", trailers_only(code, message, error.encode("latin-1", "replace")), BODY_NONE, -1)
 
 
+# Test doubles subclass it (a downstream that records what the client would get).
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Downstream:
     """The client side of an exchange: what the router answers through. An HTTP/1.1
     connection (one exchange at a time) or one HTTP/2 stream."""

@@ -13,6 +13,8 @@ import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
+from mypy_extensions import mypyc_attr
+
 from dataplane.http1.client import H1Client
 from dataplane.http2.client import H2Client, ProtocolMismatch
 from dataplane.outlier import OutlierDetector
@@ -30,6 +32,8 @@ if TYPE_CHECKING:
 _MAX_JOINS = 16
 
 
+# Test doubles subclass it (connects that succeed, fail or wait as a test says).
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Upstreams:
     """Pools, connects and outlier state for one worker."""
 

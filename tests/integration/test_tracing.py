@@ -126,7 +126,8 @@ def test_sampling_ratio_zero_exports_nothing(tmp_path: Path, upstream_pair) -> N
 
 
 def _exchange(proxy: Proxy, headers: list[tuple[bytes, bytes]], status: int = 200) -> Any:
-    # What Router.finished reads from an Exchange, filled as the router fills it.
+    # What the tracer reads from a finished Exchange (tracing.FinishedRequest), filled as the
+    # router fills it. Given to the tracer itself: the compiled router takes only real Exchanges.
     return cast(Any, SimpleNamespace(
         request=SimpleNamespace(fields=headers, method=b"POST", target=b"/orders/7?x=1"), rt=proxy.runtime,
         started_at=proxy.router.clock() - 0.25, status=status, route_kind="sandbox", service="orders",
@@ -151,7 +152,8 @@ def test_memory_exporter_span_times_and_parent() -> None:
     tracer = proxy.runtime.tracer
     assert tracer is not None
     wall_before = time.time_ns()
-    proxy.router.finished(_exchange(proxy, [(b"host", b"orders"), (b"traceparent", TRACEPARENT)], status=503))
+    tracer.finished(_exchange(proxy, [(b"host", b"orders"), (b"traceparent", TRACEPARENT)], status=503),
+                    proxy.router.clock())
     (span,) = tracer.finished_spans()
     assert f"{span.context.trace_id:032x}" == TRACE_ID
     assert span.parent is not None and f"{span.parent.span_id:016x}" == PARENT_ID and span.parent.is_remote

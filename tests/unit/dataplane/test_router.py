@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from typing import Any, cast
+from typing import Any
 
 import pytest
 
@@ -25,10 +25,12 @@ from dataplane.upstream import (
     SENT,
     STALE,
     STARTED,
+    Carrier,
     UpstreamError,
     UpstreamListener,
     UpstreamStream,
 )
+from dataplane.upstreams import Upstreams
 from filters import Address, RequestHead
 
 BASELINE = "10.0.0.1:80"
@@ -91,8 +93,9 @@ class FakeCarrier:
         self.released = True
 
 
-class FakeUpstreams:
-    """Pooled carriers on demand; connects that succeed, fail, or wait for the test."""
+class FakeUpstreams(Upstreams):
+    """Pooled carriers on demand; connects that succeed, fail, or wait for the test (no pools:
+    ``Upstreams.__init__`` is not called)."""
 
     def __init__(self) -> None:
         self.outliers = OutlierDetector(consecutive_failures=3, base_ejection_s=10.0, max_ejection_s=300.0)
@@ -103,7 +106,7 @@ class FakeUpstreams:
         self.acquired: list[str] = []
         self.connected: list[str] = []
 
-    def acquire(self, address: Address, http2: bool) -> FakeCarrier | None:
+    def acquire(self, address: Address, http2: bool) -> Carrier | None:
         self.acquired.append(str(address))
         if str(address) not in self.pooled:
             return None
@@ -111,7 +114,7 @@ class FakeUpstreams:
         self.carriers.append(carrier)
         return carrier
 
-    async def connect(self, address: Address, http2: bool) -> FakeCarrier:
+    async def connect(self, address: Address, http2: bool) -> Carrier:
         self.connected.append(str(address))
         if self.gate is not None:
             await self.gate.wait()
@@ -208,7 +211,7 @@ class World:
         runtime = build_runtime(proxy_config, proxy_config.snapshot, "h11", "test")
         self.upstreams = FakeUpstreams()
         self.metrics = Metrics("0")
-        self.router = Router(runtime, cast(Any, self.upstreams), self.metrics, self.loop)
+        self.router = Router(runtime, self.upstreams, self.metrics, self.loop)
 
     def request(self, *fields: tuple[bytes, bytes], method: bytes = b"GET", target: bytes = b"/x",
                 body: int = BODY_NONE, length: int = 0, http2: bool = False, grpc: bool = False) -> Request:
