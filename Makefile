@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test system-packages lint typecheck unit fuzz bench proto compile clean-compiled clean
+.PHONY: demo test test-compiled system-packages lint typecheck unit fuzz bench proto compile clean-compiled clean
 
 $(STAMP): pyproject.toml
 	PYTHON=$(PYTHON) sh tools/system-packages.sh venv
@@ -46,6 +46,10 @@ fuzz: $(STAMP)
 # test-session guard refuses a compiled module older than its source.
 compile: $(STAMP)
 	TURNOUT_MYPYC=1 $(BIN)/python setup.py -q build_ext --inplace --force
+
+# The same suite against the compiled build (leaves the build in place: make clean-compiled).
+test-compiled: system-packages compile
+	$(BIN)/pytest
 
 # Regenerate the config channel's protobuf and gRPC modules (committed; a test fails when stale).
 proto: $(STAMP)
