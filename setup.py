@@ -17,7 +17,7 @@ from setuptools import setup
 # too (an interpreted module cannot: tests/unit/test_compiled_boundaries.py checks it).
 HOT_MODULES = [
     "dataplane/http1/scan.py", "dataplane/http1/semantics.py", "dataplane/http1/framing.py",
-    "dataplane/http1/codec.py", "dataplane/http1/server.py", "dataplane/http1/client.py",
+    "dataplane/http1/codec.py", "dataplane/http1/flow.py", "dataplane/http1/server.py", "dataplane/http1/client.py",
     "dataplane/http2/hpack.py", "dataplane/http2/engine.py", "dataplane/http2/link.py",
     "dataplane/http2/server.py", "dataplane/http2/client.py", "dataplane/http2/grpc.py",
     "dataplane/message.py", "dataplane/upstream.py", "dataplane/router.py", "dataplane/mirror.py",

@@ -17,6 +17,7 @@ import socket
 from typing import TYPE_CHECKING, Final, Protocol, cast
 
 from dataplane.errors import HttpError
+from dataplane.http1.flow import WriteCredit
 from dataplane.http1.framing import ChunkedDecoder, ContentLengthDecoder, Decoder, UntilCloseDecoder, chunk, last_chunk
 from dataplane.http1.scan import check_head, find_head_end
 from dataplane.http1.semantics import read_response
@@ -79,8 +80,7 @@ class H1Client(UpstreamStream):
         self._ended: Fields | None = None  # trailers of a response not yet reported
         self._chunked = False  # the current request's body is chunked
         self._request_ended = True
-        self._write_paused = False
-        self._held_taken = 0  # request bytes written while the transport was full, not yet reported
+        self._credit = WriteCredit()  # for request bytes written while the transport was full
         self._unacked = 0  # response bytes handed on and not yet acknowledged
         self._read_paused = False
 
@@ -166,14 +166,12 @@ class H1Client(UpstreamStream):
 
     def pause_writing(self) -> None:
         """The upstream reads slowly: request bytes written from now on are reported later."""
-        self._write_paused = True
+        self._credit.paused = True
 
     def resume_writing(self) -> None:
         """The write buffer drained: report the request bytes held back."""
-        self._write_paused = False
-        held = self._held_taken
+        held = self._credit.drained()
         if held and self.listener is not None:
-            self._held_taken = 0
             self.listener.on_request_taken(held)
 
     # ------------------------------------------------------------------ Carrier
@@ -199,7 +197,7 @@ class H1Client(UpstreamStream):
         self._keep_alive = True
         self.got_bytes = False
         self._unacked = 0
-        self._held_taken = 0
+        self._credit.held = 0
         self._chunked = length < 0
         self._request_ended = length == 0
         if length > 0:
@@ -240,9 +238,7 @@ class H1Client(UpstreamStream):
             transport.writelines(chunk(data))
         else:
             transport.write(data)
-        if self._write_paused:
-            self._held_taken += flow_len
-        elif self.listener is not None:
+        if self._credit.written(flow_len) and self.listener is not None:
             self.listener.on_request_taken(flow_len)
 
     def send_end(self, trailers: Fields) -> None:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Final, cast
 
 from dataplane.deadline import Deadline
 from dataplane.errors import HttpError
+from dataplane.http1.flow import WriteCredit
 from dataplane.http1.framing import ChunkedDecoder, ContentLengthDecoder, Decoder, chunk, last_chunk
 from dataplane.http1.scan import check_head, find_head_end, skip_leading_crlf
 from dataplane.http1.semantics import read_request
@@ -74,8 +75,7 @@ class H1Server(Downstream):
         self._pipeline_paused = False
         self._unacked = 0  # request body bytes handed to the exchange, not yet taken upstream
         self._unacked_paused = False
-        self.write_paused = False
-        self._held_taken = 0  # response bytes written while the transport was full
+        self.credit = WriteCredit()  # for response bytes written while the transport was full
         self._chunked = False  # the current response goes out chunked
         self._keep_alive = False  # the connection stays open after the current response
         self._idle = True  # between requests: closed silently when draining or idle too long
@@ -172,14 +172,12 @@ class H1Server(Downstream):
 
     def pause_writing(self) -> None:
         """The client reads slowly: response bytes written from now on are reported later."""
-        self.write_paused = True
+        self.credit.paused = True
 
     def resume_writing(self) -> None:
         """The client caught up: report what it took meanwhile, so the upstream sends more."""
-        self.write_paused = False
-        held = self._held_taken
+        held = self.credit.drained()
         if held and self.exchange is not None:
-            self._held_taken = 0
             self.exchange.response_taken(held)
 
     # ------------------------------------------------------------------ reading
@@ -357,9 +355,7 @@ class H1Server(Downstream):
             transport.write(data)
         if self.phase == _TUNNEL:
             self.deadline.move(self.limits.keepalive_idle_timeout_s)
-        if self.write_paused:
-            self._held_taken += flow_len
-        elif self.exchange is not None:
+        if self.credit.written(flow_len) and self.exchange is not None:
             self.exchange.response_taken(flow_len)
 
     def send_end(self, trailers: Fields) -> None:
@@ -405,7 +401,7 @@ class H1Server(Downstream):
         """The response is out: on to the next pipelined request, or close."""
         self.exchange = None
         self._chunked = False
-        self._held_taken = 0
+        self.credit.held = 0
         self._unacked = 0
         if self._unacked_paused:
             self._unacked_paused = False
@@ -457,7 +453,7 @@ class H1Server(Downstream):
             self._request_failed(HttpError(408, "timed out reading the request body", "body_timeout"))
         elif phase == _WAIT and self.exchange is not None:
             exchange = self.exchange
-            if self.write_paused and exchange.response_started:
+            if self.credit.paused and exchange.response_started:
                 # The response stalled because the client stopped reading it, not the upstream.
                 self.router.metrics.downstream_error("client_stalled")
                 self.exchange = None
