@@ -58,6 +58,89 @@ class Received:
         return [n for n, _ in self.headers]
 
 
+class RawUpstream:
+    """A raw-socket HTTP/1.1 upstream on 127.0.0.1 that records every byte it reads, one entry
+    per connection, and leaves what to do with each request head to ``answer`` (no parser in
+    between: it sees exactly what the proxy sent, and may answer before reading a body)."""
+
+    def __init__(self) -> None:
+        self.raw: list[bytes] = []  # bytes received, one entry per connection
+        self.heads: list[bytes] = []  # every request head, without its blank line
+        self._lock = threading.Lock()
+        self._conns: list[socket.socket] = []
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(64)
+        self.address = f"127.0.0.1:{self._sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def answer(self, conn: socket.socket, index: int, head: bytes, rest: bytes) -> bytes | None:
+        """Answer one request (``rest``: the bytes after its head); return the bytes after
+        what it consumed, or None to end the connection."""
+        raise NotImplementedError
+
+    def received(self) -> bytes:
+        """Every byte received so far, on every connection."""
+        with self._lock:
+            return b"".join(self.raw)
+
+    def clear(self) -> None:
+        """Forget what was received (open connections keep recording)."""
+        with self._lock:
+            self.raw = [b"" for _ in self.raw]
+
+    def recv(self, conn: socket.socket, index: int) -> bytes:
+        """Read from connection ``index``, recording what came."""
+        data = conn.recv(65536)
+        with self._lock:
+            self.raw[index] += data
+        return data
+
+    def read_to(self, conn: socket.socket, index: int, buf: bytes, length: int) -> bytes | None:
+        """``buf`` with at least ``length`` bytes, or None when the connection ends first."""
+        while len(buf) < length:
+            data = self.recv(conn, index)
+            if not data:
+                return None
+            buf += data
+        return buf
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            with self._lock:
+                self._conns.append(conn)
+                self.raw.append(b"")
+                index = len(self.raw) - 1
+            threading.Thread(target=self._serve, args=(conn, index), daemon=True).start()
+
+    def _serve(self, conn: socket.socket, index: int) -> None:
+        buf: bytes | None = b""
+        with contextlib.suppress(OSError), conn:
+            while buf is not None:
+                while b"\r\n\r\n" not in buf:
+                    data = self.recv(conn, index)
+                    if not data:
+                        return
+                    buf += data
+                head, rest = buf.split(b"\r\n\r\n", 1)
+                with self._lock:
+                    self.heads.append(head)
+                buf = self.answer(conn, index, head, rest)
+
+    def stop(self) -> None:
+        """Stop accepting and close every connection."""
+        with contextlib.suppress(OSError):
+            self._sock.close()
+        with self._lock:
+            for conn in self._conns:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+
+
 Reply = tuple[int, list[tuple[str, str]], bytes]
 Handler = Callable[[Received], "Reply | bytes | None"]
 

@@ -14,7 +14,6 @@ import json
 import os
 import re
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import pytest
 from tests.integration.conftest import CODECS, Stack
 from tests.integration.support import (
     ProxyProcess,
+    RawUpstream,
     Received,
     RecordingUpstream,
     Response,
@@ -769,7 +769,7 @@ def test_expect_100_continue_delivers_the_body_once(stack: Stack) -> None:
 # --------------------------------------------------------------------------- scripted upstream
 
 
-class ScriptedUpstream:
+class ScriptedUpstream(RawUpstream):
     """An upstream that answers by path before reading any body, to test what the proxy
     does with the client bytes it has not forwarded yet.
 
@@ -778,86 +778,35 @@ class ScriptedUpstream:
     """
 
     def __init__(self) -> None:
-        self.raw: list[bytes] = []
-        self.heads: list[bytes] = []
+        super().__init__()
         self.bodies: list[bytes] = []
-        self._lock = threading.Lock()
-        self._sock = socket.socket()
-        self._sock.bind(("127.0.0.1", 0))
-        self._sock.listen(64)
-        self.address = f"127.0.0.1:{self._sock.getsockname()[1]}"
-        self._conns: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                return
-            with self._lock:
-                self._conns.append(conn)
-                self.raw.append(b"")
-                index = len(self.raw) - 1
-            threading.Thread(target=self._serve, args=(conn, index), daemon=True).start()
-
-    def _recv(self, conn: socket.socket, index: int) -> bytes:
-        data = conn.recv(65536)
+    def answer(self, conn: socket.socket, index: int, head: bytes, rest: bytes) -> bytes | None:
+        """Answer as the class says."""
+        target = head.split(b" ", 2)[1]
+        if target == b"/early":
+            conn.sendall(b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 5\r\n\r\nnope\n")
+            while self.recv(conn, index):
+                pass
+            return None
+        if target == b"/switch":
+            conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: h2c\r\n\r\n"
+                         b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\ninjected")
+            while self.recv(conn, index):
+                pass
+            return None
+        if target == b"/continue":
+            conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        match = re.search(rb"\r\ncontent-length: *([0-9]+)", head, re.I)
+        length = int(match.group(1)) if match else 0
+        buf = self.read_to(conn, index, rest, length)
+        if buf is None:
+            return None
+        body = buf[:length]
         with self._lock:
-            self.raw[index] += data
-        return data
-
-    def _serve(self, conn: socket.socket, index: int) -> None:
-        buf = b""
-        with contextlib.suppress(OSError), conn:
-            while True:
-                while b"\r\n\r\n" not in buf:
-                    data = self._recv(conn, index)
-                    if not data:
-                        return
-                    buf += data
-                head, buf = buf.split(b"\r\n\r\n", 1)
-                with self._lock:
-                    self.heads.append(head)
-                target = head.split(b" ", 2)[1]
-                if target == b"/early":
-                    conn.sendall(b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 5\r\n\r\nnope\n")
-                    while self._recv(conn, index):
-                        pass
-                    return
-                if target == b"/switch":
-                    conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: h2c\r\n\r\n"
-                                 b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\ninjected")
-                    while self._recv(conn, index):
-                        pass
-                    return
-                if target == b"/continue":
-                    conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-                match = re.search(rb"\r\ncontent-length: *([0-9]+)", head, re.I)
-                length = int(match.group(1)) if match else 0
-                while len(buf) < length:
-                    data = self._recv(conn, index)
-                    if not data:
-                        return
-                    buf += data
-                body, buf = buf[:length], buf[length:]
-                with self._lock:
-                    self.bodies.append(body)
-                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
-
-    def all_raw(self) -> bytes:
-        """Every byte received on every connection."""
-        with self._lock:
-            return b"".join(self.raw)
-
-    def stop(self) -> None:
-        """Stop accepting and close every connection."""
-        with contextlib.suppress(OSError):
-            self._sock.close()
-        with self._lock:
-            for conn in self._conns:
-                with contextlib.suppress(OSError):
-                    conn.shutdown(socket.SHUT_RDWR)
+            self.bodies.append(body)
+        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
+        return buf[length:]
 
 
 @dataclass
@@ -933,7 +882,7 @@ def test_expect_100_continue_from_the_upstream_is_relayed_once(scripted: Scripte
     assert [r.status for r in responses] == [100, 200]
     assert responses[1].body == b"hello"
     assert len(up.heads) - heads_before == 1
-    assert up.all_raw().count(b"hello") == 1
+    assert up.received().count(b"hello") == 1
 
 
 def test_final_response_before_the_body_does_not_turn_the_body_into_a_request(scripted: Scripted) -> None:
@@ -955,7 +904,7 @@ def test_final_response_before_the_body_does_not_turn_the_body_into_a_request(sc
     assert out.closed
     time.sleep(0.1)
     assert len(up.heads) - heads_before == 1
-    assert b"/smuggled" not in up.all_raw()
+    assert b"/smuggled" not in up.received()
 
 
 def test_upstream_101_to_an_h2c_upgrade_never_reaches_the_client(scripted: Scripted) -> None:
@@ -977,7 +926,7 @@ def test_upstream_101_to_an_h2c_upgrade_never_reaches_the_client(scripted: Scrip
     # relaying them would desynchronize the client's response stream.
     assert b"injected" not in data, data
     assert [r.status for r in responses[1:]] in ([], [200]), data
-    assert b"/switch" in up.all_raw()
+    assert b"/switch" in up.received()
 
 
 # --------------------------------------------------------------------------- slow input

@@ -10,9 +10,7 @@ name (anything else with a small 200).
 
 from __future__ import annotations
 
-import contextlib
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +19,15 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import CODECS
-from tests.integration.support import ProxyProcess, Response, free_port, inbound, parse_responses, running_proxy
+from tests.integration.support import (
+    ProxyProcess,
+    RawUpstream,
+    Response,
+    free_port,
+    inbound,
+    parse_responses,
+    running_proxy,
+)
 
 OK = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
 # What the upstream answers to GET /reply/<name>.
@@ -37,76 +43,21 @@ CLOSE = b"Connection: close\r\n"
 XFF = b"x-forwarded-for: 127.0.0.1\r\nx-forwarded-proto: http\r\n"
 
 
-class CaptureUpstream:
+class CaptureUpstream(RawUpstream):
     """A raw upstream: records every byte per connection, answers by target."""
 
-    def __init__(self) -> None:
-        self.raw: list[bytes] = []
-        self._lock = threading.Lock()
-        self._conns: list[socket.socket] = []
-        self._sock = socket.socket()
-        self._sock.bind(("127.0.0.1", 0))
-        self._sock.listen(64)
-        self.address = f"127.0.0.1:{self._sock.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def received(self) -> bytes:
-        """Every byte received so far, on every connection."""
-        with self._lock:
-            return b"".join(self.raw)
-
-    def clear(self) -> None:
-        """Forget what was received (open connections keep recording)."""
-        with self._lock:
-            self.raw = [b"" for _ in self.raw]
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                return
-            with self._lock:
-                self._conns.append(conn)
-                self.raw.append(b"")
-                index = len(self.raw) - 1
-            threading.Thread(target=self._serve, args=(conn, index), daemon=True).start()
-
-    def _serve(self, conn: socket.socket, index: int) -> None:
-        buf = b""
-        with contextlib.suppress(OSError), conn:
-            while True:
-                while b"\r\n\r\n" not in buf:
-                    data = conn.recv(65536)
-                    if not data:
-                        return
-                    with self._lock:
-                        self.raw[index] += data
-                    buf += data
-                head, buf = buf.split(b"\r\n\r\n", 1)
-                length = 0
-                for line in head.split(b"\r\n")[1:]:
-                    if line.startswith(b"content-length: "):
-                        length = int(line[16:])
-                while len(buf) < length:
-                    data = conn.recv(65536)
-                    if not data:
-                        return
-                    with self._lock:
-                        self.raw[index] += data
-                    buf += data
-                buf = buf[length:]
-                target = head.split(b" ", 2)[1]
-                conn.sendall(REPLIES.get(target.removeprefix(b"/reply/"), OK))
-
-    def stop(self) -> None:
-        """Stop accepting and close every connection."""
-        with contextlib.suppress(OSError):
-            self._sock.close()
-        with self._lock:
-            for conn in self._conns:
-                with contextlib.suppress(OSError):
-                    conn.shutdown(socket.SHUT_RDWR)
+    def answer(self, conn: socket.socket, index: int, head: bytes, rest: bytes) -> bytes | None:
+        """Read the body (by content-length) and answer ``/reply/<name>`` or 200."""
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            if line.startswith(b"content-length: "):
+                length = int(line[16:])
+        buf = self.read_to(conn, index, rest, length)
+        if buf is None:
+            return None
+        target = head.split(b" ", 2)[1]
+        conn.sendall(REPLIES.get(target.removeprefix(b"/reply/"), OK))
+        return buf[length:]
 
 
 @dataclass
