@@ -24,6 +24,8 @@ from typing import Any
 import httpx
 import yaml
 
+from tests.integration.support import stop_process
+
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "integration-test-token-0123456789"
 READY_RE = re.compile(r"api (https?)://([0-9.]+):(\d+) grpc ([0-9.]+):(\d+)")
@@ -79,17 +81,11 @@ class ControlPlane:
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 15) -> int:
         """Signal it and wait for its exit status; kill it if it hangs (and raise)."""
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-                raise
-        if self.process.stdout is not None:
-            self.process.stdout.close()
-        return self.process.returncode
+        try:
+            return stop_process(self.process, sig, timeout_s)
+        finally:
+            if self.process.stdout is not None:
+                self.process.stdout.close()
 
 
 def write_token(tmp: Path, name: str = "token", token: str = TOKEN) -> Path:

@@ -309,15 +309,21 @@ class ProxyProcess:
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30) -> int:
         """Signal the supervisor and wait; kills it if it does not exit in time."""
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                return self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-                raise
-        return self.process.returncode
+        return stop_process(self.process, sig, timeout_s)
+
+
+def stop_process(process: subprocess.Popen[Any], sig: int, timeout_s: float) -> int:
+    """Signal ``process`` (unless it has exited) and wait for its exit status; if it is still
+    running after ``timeout_s``, kill it and raise ``subprocess.TimeoutExpired``."""
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            return process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+            raise
+    return process.returncode
 
 
 def start_proxy(config: dict[str, Any], tmp: Path, codec: str = "auto", workers: int = 1,

@@ -39,7 +39,7 @@ from tests.integration.cp_support import (
     write_token,
     write_tokens,
 )
-from tests.integration.support import ProxyProcess, RecordingUpstream, free_port, inbound, running_proxy
+from tests.integration.support import ProxyProcess, RecordingUpstream, free_port, inbound, running_proxy, stop_process
 from tests.integration.test_grpc import SERVICE, GrpcUpstream
 
 ALICE = "alice-token-0123456789abcdef"
@@ -115,15 +115,7 @@ class Connect:
 
     def stop(self, sig: int = signal.SIGINT, timeout_s: float = 15) -> int:
         """Signal it and wait for its status (killed if it hangs)."""
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-                raise
-        return self.process.returncode
+        return stop_process(self.process, sig, timeout_s)
 
 
 @dataclass
@@ -181,13 +173,8 @@ def running_gateway(tmp: Path, cp: ControlPlane, *extra: str) -> Iterator[Gatewa
         host, port, admin_host, admin_port = match.groups()
         yield Gateway(process, f"{host}:{port}", f"http://{admin_host}:{admin_port}", log_path)
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            stop_process(process, signal.SIGTERM, 10)
         if process.stdout is not None:
             process.stdout.close()
 
